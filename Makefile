@@ -1,0 +1,25 @@
+# The two commands a newcomer runs (see README): `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/convoy generate --max-tokens 48 "def fibonacci(n):" "import os"
+
+lint: setup
+	$(BIN)/ruff check convoy tests benchmarks
+	$(BIN)/ruff format --check convoy tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
