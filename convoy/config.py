@@ -1,0 +1,113 @@
+"""Engine configuration: one dataclass per concern.
+
+Every field has a default and a one-line ``help``; the CLI is generated from these classes
+(see ``convoy.cli``) and ``LLM(**kwargs)`` routes each keyword to the class that owns it, so
+the Python API and the CLI never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """What to load and in which precision."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Local checkpoint directory or Hub id (default: the built-in model)."},
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer directory or Hub id (default: the model's)."}
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) to load."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16."},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when available, else CPU), cpu or cuda."}
+    )
+    max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt + output (default: the model's, capped by the KV pool)."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the engine's shared generator."})
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = field(default=16, metadata={"help": "Tokens per KV cache block."})
+    num_kv_blocks: int | None = field(
+        default=None, metadata={"help": "Number of KV blocks (overrides kv_cache_memory_gb)."}
+    )
+    kv_cache_memory_gb: float = field(
+        default=2.0, metadata={"help": "Memory given to the KV cache, in GiB."}
+    )
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching policy."""
+
+    max_num_seqs: int = field(default=128, metadata={"help": "Most sequences running in one step."})
+    max_num_batched_tokens: int = field(
+        default=2048, metadata={"help": "Token budget of one step (decodes first, then prompts)."}
+    )
+
+
+CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, CacheConfig, SchedulerConfig)
+
+
+@dataclass
+class EngineConfig:
+    """All of the engine's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat keywords (``LLM(model=..., block_size=...)``); unknown ones raise."""
+        parts: dict[str, Any] = {}
+        remaining = dict(kwargs)
+        for name, klass in (
+            ("model", ModelConfig),
+            ("cache", CacheConfig),
+            ("scheduler", SchedulerConfig),
+        ):
+            names = {f.name for f in dataclasses.fields(klass)}
+            parts[name] = klass(**{k: remaining.pop(k) for k in list(remaining) if k in names})
+        if remaining:
+            known = sorted(f.name for k in CONFIG_CLASSES for f in dataclasses.fields(k))
+            raise TypeError(f"unknown engine argument(s) {sorted(remaining)}; known: {known}")
+        config = cls(**parts)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        c, s, m = self.cache, self.scheduler, self.model
+        if c.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {c.block_size}")
+        if c.num_kv_blocks is not None and c.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {c.num_kv_blocks}")
+        if c.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {c.kv_cache_memory_gb}")
+        if s.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {s.max_num_seqs}")
+        if s.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {s.max_num_batched_tokens}")
+        if m.max_model_len is not None and m.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {m.max_model_len}")
+        if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}")
+        if m.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {m.device!r}")
