@@ -1,0 +1,210 @@
+"""Continuous batching with one token budget per step (Orca + Sarathi-Serve).
+
+Policy only: this module decides who runs and how many tokens each computes; it never
+touches tensors. Its result, :class:`SchedulerOutput`, is all the model runner needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from convoy.config import SchedulerConfig
+from convoy.engine.kv_cache_manager import KVCacheManager
+from convoy.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: tokens ``[start, start + num_tokens)`` are computed."""
+
+    request: Request
+    start: int  # num_computed_tokens before this step
+    num_tokens: int
+    block_table: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True if this step reaches the end of the known tokens, so a new one is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    # Requests that finished since the previous step: the runner drops their state.
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decode-first scheduling under a per-step token budget.
+
+    Each step:
+      1. Running requests, oldest first, get the tokens they still need (one for a decode,
+         a chunk for a prompt), limited by the budget. If the pool has no room for one, the
+         newest running request is preempted (its blocks freed, to be recomputed later);
+         the oldest request is thus never starved by younger ones.
+      2. If nothing was preempted, waiting requests (FCFS) are admitted while budget, blocks
+         and ``max_num_seqs`` allow; a long prompt is split into budget-sized chunks, so it
+         never stalls running decodes.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(
+        self,
+        request_ids: Iterable[str],
+        reason: FinishReason,
+        stop_reason: int | str | None = None,
+    ) -> list[Request]:
+        """End these requests (abort, or a stop found outside the scheduler); unknown ids skip."""
+        done = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            request.finish(reason, stop_reason)
+            self._release(request)
+            done.append(request)
+        return done
+
+    def _release(self, request: Request) -> None:
+        """Remove a finished request from the queues and give its blocks back."""
+        if request.request_id not in self.requests:
+            return
+        del self.requests[request.request_id]
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(request)
+        self.kv_cache.free(request)
+        self._finished_ids.append(request.request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- scheduling --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.config.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request preempted itself: no younger one is left to run
+
+        # After a preemption the pool is full; admitting more would only thrash.
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv_cache.allocate_slots(request, num_new):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+
+        # Advance now, not after the forward pass: the tokens are committed to this step.
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_tokens
+        return out
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        return ScheduledRequest(
+            request=request,
+            start=request.num_computed_tokens,
+            num_tokens=num_new,
+            block_table=self.kv_cache.get_block_table(request.request_id),
+        )
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute-style preemption: drop the KV, requeue at the front of the waiting queue."""
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: dict[str, list[int]]
+    ) -> list[tuple[Request, list[int]]]:
+        """Append the sampled tokens; finish requests that hit EOS/stop ids/max_tokens.
+
+        Returns each request that sampled with the tokens it kept (finished ones included).
+        """
+        updated = []
+        for s in out.scheduled:
+            request = s.request
+            tokens = sampled.get(request.request_id)
+            if not tokens or request.is_finished:
+                continue
+            kept: list[int] = []
+            if request.num_output_tokens >= request.max_tokens:
+                # max_tokens=0 (prompt logprobs only): the prompt is done, nothing to sample.
+                request.finish(FinishReason.LENGTH)
+            for token in tokens:
+                if request.is_finished:
+                    break
+                request.append_output_token(token)
+                kept.append(token)
+                request.check_stop_token()
+            updated.append((request, kept))
+            if request.is_finished:
+                self._release(request)
+        return updated
+
+    def check_integrity(self) -> None:
+        """KV pool invariants, and only live requests hold blocks."""
+        self.kv_cache.check_integrity(set(self.requests))
+        if len(self.running) > self.config.max_num_seqs:
+            raise AssertionError("more running requests than max_num_seqs")
