@@ -1,0 +1,135 @@
+"""Paged attention over a flattened, unpadded batch (torch backend: CPU and CUDA).
+
+Memory layout of one layer's cache (keys and values alike)::
+
+    cache: (num_blocks * block_size, num_kv_heads, head_dim)
+           slot = block_id * block_size + offset_in_block
+
+The batch is ragged: ``T`` query tokens from all scheduled requests, concatenated, decodes
+(one query token each) first, then prompt chunks. New keys/values are written to their
+slots first; then each query attends to its request's whole context, gathered from the
+cache by slot index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One request computing several tokens: queries ``[q_start, q_end)`` of the batch."""
+
+    q_start: int
+    q_end: int
+    context_slots: torch.Tensor  # (L,) slots of positions 0..L-1, L = start + num_tokens
+    query_positions: torch.Tensor  # (q,) positions of the queries
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (T,) where each new token's K/V goes
+    num_decode_tokens: int  # the first D tokens are decodes, one per request
+    decode_slots: torch.Tensor | None  # (D, Lmax) context slots, padded with slot 0
+    decode_context_lens: torch.Tensor | None  # (D,)
+    prefills: list[PrefillChunk]
+    # Masks depend on the layer's sliding window; built once per step per window.
+    _masks: dict[int | None, tuple[torch.Tensor | None, list[torch.Tensor]]] = field(
+        default_factory=dict
+    )
+
+    def masks(self, window: int | None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Additive float masks (0 = attend, -inf = not): decode ``(D, 1, 1, Lmax)`` and one
+        ``(1, q, L)`` per prefill chunk. Float, not boolean: torch's CPU attention takes a far
+        slower path for boolean masks."""
+        if window not in self._masks:
+            self._masks[window] = (self._decode_mask(window), self._prefill_masks(window))
+        return self._masks[window]
+
+    def _decode_mask(self, window: int | None) -> torch.Tensor | None:
+        if self.decode_slots is None or self.decode_context_lens is None:
+            return None
+        lens = self.decode_context_lens[:, None]  # (D, 1)
+        keys = torch.arange(self.decode_slots.shape[1], device=lens.device)[None, :]
+        allowed = keys < lens  # (D, Lmax)
+        if window is not None:
+            # The query sits at position len-1; keys at distance >= window are out.
+            allowed &= keys > lens - 1 - window
+        return _additive(allowed)[:, None, None, :]
+
+    def _prefill_masks(self, window: int | None) -> list[torch.Tensor]:
+        masks = []
+        for chunk in self.prefills:
+            keys = torch.arange(chunk.context_slots.shape[0], device=chunk.query_positions.device)
+            q = chunk.query_positions[:, None]  # (q, 1)
+            allowed = keys[None, :] <= q  # causal
+            if window is not None:
+                allowed &= keys[None, :] > q - window
+            masks.append(_additive(allowed)[None])
+        return masks
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
+    return mask.masked_fill_(~allowed, float("-inf"))
+
+
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store the new tokens' keys/values ``(T, Hkv, D)`` at their slots."""
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # (T, H, D), rotary already applied
+    k_cache: torch.Tensor,  # (S, Hkv, D)
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of each query over its request's cached context; returns ``(T, H, D)``."""
+    num_heads = q.shape[1]
+    num_kv_heads = k_cache.shape[1]
+    gqa = num_heads != num_kv_heads
+    out = torch.empty_like(q)
+    decode_mask, prefill_masks = meta.masks(window)
+
+    d = meta.num_decode_tokens
+    if d and meta.decode_slots is not None and decode_mask is not None:
+        # Decode: one query per request. A grouped matmul over the padded context beats
+        # torch's CPU SDPA here, which is slow with GQA and a mask.
+        group = num_heads // num_kv_heads
+        lmax = meta.decode_slots.shape[1]
+        flat = meta.decode_slots.reshape(-1)
+        k = k_cache.index_select(0, flat).view(d, lmax, num_kv_heads, -1)  # (D, L, Hkv, Dh)
+        v = v_cache.index_select(0, flat).view(d, lmax, num_kv_heads, -1)
+        qd = q[:d].view(d, num_kv_heads, group, -1)  # (D, Hkv, G, Dh)
+        scores = qd @ k.permute(0, 2, 3, 1) * scale  # (D, Hkv, G, L)
+        probs = torch.softmax(scores.float() + decode_mask, dim=-1).to(v.dtype)
+        o = probs @ v.transpose(1, 2)  # (D, Hkv, G, Dh)
+        out[:d] = o.reshape(d, num_heads, -1)
+
+    for chunk, mask in zip(meta.prefills, prefill_masks, strict=True):
+        k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1)  # (Hkv, L, Dh)
+        v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1)
+        qc = q[chunk.q_start : chunk.q_end].transpose(0, 1)  # (H, q, Dh)
+        o = F.scaled_dot_product_attention(
+            qc.unsqueeze(0),
+            k.unsqueeze(0),
+            v.unsqueeze(0),
+            attn_mask=mask.unsqueeze(0).to(qc.dtype),
+            scale=scale,
+            enable_gqa=gqa,
+        )  # (1, H, q, Dh)
+        out[chunk.q_start : chunk.q_end] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,155 @@
+"""Find a checkpoint (local directory or Hugging Face Hub id) and load its safetensors weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from convoy.model.arch import ModelArch
+from convoy.model.decoder import PACKED_MODULES, Attention, DecoderForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# What a Hub download needs; optimizer states, .bin/.pt/.gguf copies are skipped.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be found or does not hold what its config promises."""
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local directory as is; anything else is a Hub id fetched (or found in the HF cache)
+    through huggingface_hub, which honours HF_HOME, HF_HUB_OFFLINE and HF_TOKEN."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"model path {model!r} is a file; expected a checkpoint directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except HFValidationError as e:
+        raise CheckpointError(
+            f"model {model!r} is neither a local directory nor a valid Hub id: {e}"
+        ) from e
+    except Exception as e:  # network down, unknown repo, gated model, ...
+        raise CheckpointError(
+            f"could not find model {model!r} locally or on the Hugging Face Hub: {e}"
+        ) from e
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    with config_file.open() as f:
+        config: dict[str, Any] = json.load(f)
+    return config
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with index.open() as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        others = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
+        hint = f" (found {others}; convert them to safetensors)" if others else ""
+        raise CheckpointError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def load_model(
+    path: Path, arch: ModelArch, max_positions: int, device: torch.device, dtype: torch.dtype
+) -> DecoderForCausalLM:
+    """Build the model without initialising it, then fill every parameter from the checkpoint.
+
+    Fails if a weight the model needs is missing or a checkpoint tensor has no place to go.
+    """
+    with torch.device("meta"):
+        model = DecoderForCausalLM(arch, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    # to_empty makes new Parameters, which breaks the tie set up in __init__; restore it.
+    if arch.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary.build(device)  # rotary tables are computed, not loaded
+
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                target = _place(model, params, name, arch)
+                if target is None:
+                    continue
+                param_name, rows = target
+                param = params[param_name]
+                tensor = f.get_tensor(name)
+                dest = param.data if rows is None else param.data.narrow(0, *rows)
+                if dest.shape != tensor.shape:
+                    raise CheckpointError(
+                        f"{file.name}: {name} has shape {tuple(tensor.shape)}, "
+                        f"the model expects {tuple(dest.shape)}"
+                    )
+                dest.copy_(tensor.to(dtype))
+                loaded.add(param_name if rows is None else f"{param_name}[{rows[0]}]")
+
+    expected = _expected_pieces(model, arch)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks weights: {missing[:8]}")
+    return model.eval()
+
+
+def _place(
+    model: DecoderForCausalLM, params: dict[str, torch.nn.Parameter], name: str, arch: ModelArch
+) -> tuple[str, tuple[int, int] | None] | None:
+    """Where checkpoint tensor ``name`` goes: (parameter, rows of it or None for all)."""
+    if "rotary_emb" in name:
+        return None  # some checkpoints store inv_freq; we compute it
+    if name == "lm_head.weight" and arch.tie_word_embeddings:
+        return None  # tied: the embedding is the head
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in PACKED_MODULES:
+            fused, shard = PACKED_MODULES[part]
+            param_name = ".".join([*parts[:i], fused, *parts[i + 1 :]])
+            if param_name not in params:
+                break
+            module = model.get_submodule(".".join(parts[:i]))
+            if isinstance(module, Attention):
+                offset, size = module.shard_sizes()[shard]
+            else:
+                size = params[param_name].shape[0] // 2
+                offset = 0 if shard == "gate" else size
+            return param_name, (offset, size)
+    if name in params:
+        return name, None
+    raise CheckpointError(f"checkpoint tensor {name!r} does not belong to {arch.architecture}")
+
+
+def _expected_pieces(model: DecoderForCausalLM, arch: ModelArch) -> set[str]:
+    """Every parameter (or fused shard) that must come from the checkpoint."""
+    expected: set[str] = set()
+    for name, param in model.named_parameters():
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
+            continue
+        if ".qkv_proj." in name:
+            attn = model.get_submodule(name.rsplit(".", 2)[0])
+            assert isinstance(attn, Attention)
+            expected |= {f"{name}[{off}]" for off, _ in attn.shard_sizes().values()}
+        elif ".gate_up_proj." in name:
+            expected |= {f"{name}[0]", f"{name}[{param.shape[0] // 2}]"}
+        else:
+            expected.add(name)
+    return expected

@@ -1,0 +1,258 @@
+"""Tensors only: build a step's flat batch, run the model, sample. No policy lives here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from convoy.config import CacheConfig, ModelConfig
+from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
+from convoy.model.arch import ModelArch
+from convoy.model.attention import AttentionMetadata, PrefillChunk
+from convoy.model.loader import load_model
+from convoy.model.sampler import Sampler, SamplingRow, TopLogprobs, gather_logprobs
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probability of one chosen token plus the top-k alternatives (ids, logprobs)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class ModelOutput:
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    # For prompt tokens ``first .. first+len-1`` of the request (first >= 1).
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+def resolve_device(config: ModelConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    return torch.device(config.device)
+
+
+def resolve_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        # CPUs here have no fast bf16; GPUs do.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[config.dtype]
+
+
+def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes across all layers (keys and values)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * itemsize
+
+
+def num_kv_blocks_for(cache: CacheConfig, arch: ModelArch, dtype: torch.dtype) -> int:
+    if cache.num_kv_blocks is not None:
+        return cache.num_kv_blocks
+    per_block = kv_block_bytes(arch, cache.block_size, dtype)
+    return max(1, int(cache.kv_cache_memory_gb * 2**30) // per_block)
+
+
+def _top_list(top: TopLogprobs, i: int) -> list[tuple[int, float]]:
+    return list(zip(top.top_ids[i].tolist(), top.top_logprobs[i].tolist(), strict=True))
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        arch: ModelArch,
+        model_path: str,
+        max_model_len: int,
+        num_blocks: int,
+    ) -> None:
+        self.device = resolve_device(model_config)
+        self.dtype = resolve_dtype(model_config, self.device)
+        self.arch = arch
+        self.block_size = cache_config.block_size
+        self.max_model_len = max_model_len
+        from pathlib import Path
+
+        self.model = load_model(Path(model_path), arch, max_model_len, self.device, self.dtype)
+        # One tensor for the whole cache: (layers, 2, slots + 1, kv_heads, head_dim). torch.empty
+        # only reserves address space; pages become resident as blocks are first written.
+        # Unwritten memory may hold NaN, and a masked-out NaN still poisons attention
+        # (0 * NaN = NaN), so padded positions read the extra last slot, kept at zero.
+        self.pad_slot = num_blocks * self.block_size
+        self.kv_cache = torch.empty(
+            (arch.num_layers, 2, self.pad_slot + 1, arch.num_kv_heads, arch.head_dim),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.kv_cache[:, :, self.pad_slot].zero_()
+        self.kv_caches = [
+            (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(arch.num_layers)
+        ]
+        self.sampler = Sampler(arch.vocab_size, self.device, model_config.seed)
+        self.generators: dict[str, torch.Generator] = {}
+
+    # -- per-request state -------------------------------------------------------------------
+    def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
+        seed = s.request.sampling_params.seed
+        if seed is None:
+            return None
+        rid = s.request.request_id
+        if rid not in self.generators:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(seed)
+            self.generators[rid] = g
+        return self.generators[rid]
+
+    # -- one step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        for rid in out.finished_request_ids:
+            self.generators.pop(rid, None)
+        result = ModelOutput()
+        if out.is_empty:
+            return result
+
+        # Decodes (one query token) first, so attention can batch them in one call.
+        order = sorted(out.scheduled, key=lambda s: s.num_tokens != 1)
+        input_ids, positions, meta, q_starts = self._prepare(order)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, C)
+
+        sampling = [(s, q_starts[j] + s.num_tokens - 1) for j, s in enumerate(order) if s.samples]
+        if sampling:
+            rows_idx = torch.tensor([i for _, i in sampling], device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows_idx))  # (N, V)
+            rows = [
+                SamplingRow(
+                    params=s.request.sampling_params,
+                    prompt_token_ids=s.request.prompt_token_ids,
+                    output_token_ids=s.request.output_token_ids,
+                    eos_token_ids=s.request.eos_token_ids,
+                    generator=self._generator(s),
+                )
+                for s, _ in sampling
+            ]
+            tokens, top = self.sampler(logits, rows)
+            for k, ((s, _), token) in enumerate(zip(sampling, tokens, strict=True)):
+                rid = s.request.request_id
+                result.sampled[rid] = [token]
+                if top is not None and s.request.sampling_params.logprobs is not None:
+                    n_top = s.request.sampling_params.logprobs
+                    result.logprobs[rid] = [
+                        TokenLogprobs(
+                            token_id=token,
+                            logprob=float(top.sampled_logprobs[k]),
+                            rank=int(top.sampled_ranks[k]),
+                            top=_top_list(top, k)[:n_top],
+                        )
+                    ]
+
+        for j, s in enumerate(order):
+            if s.request.sampling_params.prompt_logprobs is not None:
+                self._prompt_logprobs(s, hidden, q_starts[j], result)
+        return result
+
+    def _prompt_logprobs(
+        self, s: ScheduledRequest, hidden: torch.Tensor, q_start: int, result: ModelOutput
+    ) -> None:
+        """Logprobs of prompt tokens predicted within this chunk: position p scores token p+1."""
+        request = s.request
+        last = min(s.start + s.num_tokens, request.num_prompt_tokens - 1)  # exclusive, in positions
+        if last <= s.start:
+            return
+        rows = hidden[q_start : q_start + (last - s.start)]
+        logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+        targets = torch.tensor(request.prompt_token_ids[s.start + 1 : last + 1], device=self.device)
+        k = request.sampling_params.prompt_logprobs or 0
+        top = gather_logprobs(logprobs, targets, k)
+        entries = [
+            TokenLogprobs(
+                token_id=int(t),
+                logprob=float(lp),
+                rank=int(rk),
+                top=_top_list(top, i),
+            )
+            for i, (t, lp, rk) in enumerate(
+                zip(
+                    targets.tolist(),
+                    top.sampled_logprobs.tolist(),
+                    top.sampled_ranks.tolist(),
+                    strict=True,
+                )
+            )
+        ]
+        result.prompt_logprobs[request.request_id] = (s.start + 1, entries)
+
+    def _prepare(
+        self, order: list[ScheduledRequest]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flatten the scheduled tokens into ids, positions, slots and attention metadata."""
+        bs = self.block_size
+        dev = self.device
+        tokens: list[int] = []
+        q_starts: list[int] = []
+        for s in order:
+            q_starts.append(len(tokens))
+            tokens.extend(s.request.all_token_ids[s.start : s.start + s.num_tokens])
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+
+        num_decodes = sum(1 for s in order if s.num_tokens == 1)
+        max_blocks = max(len(s.block_table) for s in order)
+        tables = torch.zeros((len(order), max_blocks), dtype=torch.long)
+        for j, s in enumerate(order):
+            tables[j, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+        tables = tables.to(dev)
+        starts = torch.tensor([s.start for s in order], dtype=torch.long, device=dev)
+        lens = torch.tensor([s.num_tokens for s in order], dtype=torch.long, device=dev)
+
+        # Position of each flat token: its request's start plus its offset within the request.
+        req_of_token = torch.repeat_interleave(torch.arange(len(order), device=dev), lens)
+        offsets = (
+            torch.arange(len(tokens), device=dev) - torch.tensor(q_starts, device=dev)[req_of_token]
+        )
+        positions = starts[req_of_token] + offsets  # (T,)
+        slot_mapping = tables[req_of_token, positions // bs] * bs + positions % bs
+
+        decode_slots = decode_lens = None
+        if num_decodes:
+            ctx = starts[:num_decodes] + 1  # context length after this token
+            lmax = int(ctx.max())
+            pos = torch.arange(lmax, device=dev)
+            blk = tables[:num_decodes, (pos // bs).clamp(max=max_blocks - 1)]
+            real = pos[None, :] < ctx[:, None]
+            decode_slots = torch.where(real, blk * bs + pos % bs, self.pad_slot)  # (D, Lmax)
+            decode_lens = ctx
+
+        prefills = []
+        for j in range(num_decodes, len(order)):
+            s = order[j]
+            ctx_len = s.start + s.num_tokens
+            pos = torch.arange(ctx_len, device=dev)
+            prefills.append(
+                PrefillChunk(
+                    q_start=q_starts[j],
+                    q_end=q_starts[j] + s.num_tokens,
+                    context_slots=tables[j, pos // bs] * bs + pos % bs,
+                    query_positions=pos[s.start :],
+                )
+            )
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            num_decode_tokens=num_decodes,
+            decode_slots=decode_slots,
+            decode_context_lens=decode_lens,
+            prefills=prefills,
+        )
+        return input_ids, positions, meta, q_starts
