@@ -1,0 +1,135 @@
+"""``convoy`` command line. Flags are generated from the config and SamplingParams dataclasses,
+so the CLI and the Python API cannot drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from convoy.config import CONFIG_CLASSES
+from convoy.sampling_params import SamplingParams
+
+# Sampling fields a command line can't express well, or that the generate command fixes.
+_SKIP_SAMPLING = {"logit_bias"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the non-None type of an annotation, whether None is allowed)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+) -> None:
+    """One flag per field, typed and documented from the field's annotation and ``help``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, _ = _base_type(hints[f.name])
+        default = (
+            f.default if f.default is not dataclasses.MISSING else None
+        )  # list fields default to [] via default_factory; None means "unset" here
+        help_text = f.metadata.get("help", "")
+        if default not in (None, [], {}):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            parser.add_argument(_flag(f.name), type=item, nargs="+", **kwargs)
+        else:
+            parser.add_argument(_flag(f.name), type=tp, **kwargs)
+
+
+def _pick(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convoy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate completions for prompts (offline, batched)",
+        description="Generate a completion for each prompt, all batched together.",
+    )
+    gen.add_argument("prompts", nargs="*", help="prompts (read one per line from stdin if none)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    for cls in CONFIG_CLASSES:
+        add_dataclass_arguments(gen.add_argument_group(cls.__name__), cls)
+    add_dataclass_arguments(
+        gen.add_argument_group("SamplingParams"), SamplingParams, skip=_SKIP_SAMPLING
+    )
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from convoy import LLM
+
+    prompts: list[str] = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        print("convoy generate: no prompts given", file=sys.stderr)
+        return 2
+    engine_kwargs: dict[str, Any] = {}
+    for cls in CONFIG_CLASSES:
+        engine_kwargs.update(_pick(args, cls))
+    try:
+        params = SamplingParams(**_pick(args, SamplingParams))
+    except ValueError as e:
+        print(f"convoy generate: {e}", file=sys.stderr)
+        return 2
+    llm = LLM(**engine_kwargs)
+    if args.chat:
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        outputs = llm.chat(convs, params)
+    else:
+        outputs = llm.generate(list(prompts), params)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        for comp in out.outputs:
+            if args.json:
+                record = {
+                    "prompt": prompt,
+                    "index": comp.index,
+                    "text": comp.text,
+                    "token_ids": comp.token_ids,
+                    "finish_reason": comp.finish_reason,
+                }
+                print(json.dumps(record, ensure_ascii=False))
+            else:
+                print(
+                    f"--- prompt: {prompt!r} [{comp.finish_reason}, {len(comp.token_ids)} tokens]"
+                )
+                print(prompt + comp.text if not args.chat else comp.text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return _generate(args)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The request lifecycle: add, step, abort; detokenize; assemble outputs.
+
+``step()`` is one iteration of continuous batching: schedule -> run the model -> update.
+Every request ends exactly once (stop, length, abort or error) and gives its blocks back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from convoy.config import EngineConfig
+from convoy.engine.detokenizer import IncrementalDetokenizer
+from convoy.engine.kv_cache_manager import KVCacheManager
+from convoy.engine.request import FinishReason, Request, RequestMetrics
+from convoy.engine.scheduler import Scheduler, SchedulerOutput
+from convoy.model.arch import ModelArch
+from convoy.model.loader import read_config, resolve_model_path
+from convoy.model.runner import (
+    ModelOutput,
+    ModelRunner,
+    TokenLogprobs,
+    num_kv_blocks_for,
+    resolve_device,
+    resolve_dtype,
+)
+from convoy.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from convoy.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    """One of a parent request's ``n`` samples: its scheduler request and its text state."""
+
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[PositionLogprobs] | None
+    cumulative_logprob: float = 0.0
+    text_done: bool = False  # the detokenizer has flushed its held-back bytes
+
+
+@dataclass
+class _ParentRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sequences: list[_Sequence]
+    prompt_logprobs: list[PositionLogprobs | None] | None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.request.is_finished for s in self.sequences)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_name = config.model.model
+        if model_name is None:
+            from convoy.checkpoints import default_model_path
+
+            model_path = default_model_path()
+        else:
+            model_path = resolve_model_path(model_name, config.model.revision)
+        self.model_path = model_path
+        hf_config = read_config(model_path)
+        self.arch = ModelArch.from_config(hf_config)
+        tokenizer_path = (
+            resolve_model_path(config.model.tokenizer, config.model.revision)
+            if config.model.tokenizer
+            else model_path
+        )
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(tokenizer_path))
+        self.eos_token_ids = self._eos_token_ids(model_path)
+
+        device = resolve_device(config.model)
+        dtype = resolve_dtype(config.model, device)
+        num_blocks = num_kv_blocks_for(config.cache, self.arch, dtype)
+        block_size = config.cache.block_size
+        wanted_len = config.model.max_model_len or self.arch.max_position_embeddings
+        # A request must fit in the whole pool on its own, or it could never finish: cap the
+        # context length by the pool (vLLM refuses to start instead; we say so and go on).
+        self.max_model_len = min(wanted_len, num_blocks * block_size)
+        if self.max_model_len < wanted_len:
+            logger.warning(
+                "max_model_len capped from %d to %d: the KV pool holds %d blocks of %d tokens",
+                wanted_len,
+                self.max_model_len,
+                num_blocks,
+                block_size,
+            )
+        self.kv_cache = KVCacheManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.runner = ModelRunner(
+            config.model, config.cache, self.arch, str(model_path), self.max_model_len, num_blocks
+        )
+        self.parents: dict[str, _ParentRequest] = {}
+        self._seq_of: dict[str, tuple[_ParentRequest, _Sequence]] = {}
+        self._ids = itertools.count()
+        self._decoded: dict[int, str] = {}
+        # Tests (and the curious) set CONVOY_CHECK_INTEGRITY=1 to check the pool every step.
+        self.check_every_step = os.environ.get("CONVOY_CHECK_INTEGRITY") == "1"
+        self.num_steps = 0
+        self.num_prompt_tokens_computed = 0
+        self.num_generated_tokens = 0
+
+    def _eos_token_ids(self, model_path: Path) -> frozenset[int]:
+        """EOS ids from config.json, generation_config.json and the tokenizer, together."""
+        ids: set[int] = set(self.arch.eos_token_ids)
+        gen = model_path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    # -- adding and aborting -----------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def tokenize(self, prompt: str) -> list[int]:
+        ids: list[int] = self.tokenizer.encode(prompt)
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request; raises ``ValueError`` (and changes nothing) if it cannot be served."""
+        params = params or SamplingParams()
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text = prompt if isinstance(prompt, str) else None
+        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = self._check_lengths(prompt_ids, params)
+
+        metrics = RequestMetrics()
+        if arrival_time is not None:
+            metrics.arrival_time = arrival_time
+        parent = _ParentRequest(
+            request_id=request_id,
+            prompt=prompt_text,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            sequences=[],
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            metrics=metrics,
+        )
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            # Each sample gets its own seed, so the n samples differ but stay reproducible.
+            child_params = params if params.seed is None else params.clone(seed=params.seed + i)
+            request = Request(
+                child_id,
+                prompt_ids,
+                child_params,
+                self.eos_token_ids,
+                max_tokens,
+                arrival_time=metrics.arrival_time,
+            )
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                prompt_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            seq = _Sequence(i, request, detok, [] if params.logprobs is not None else None)
+            parent.sequences.append(seq)
+        self.parents[request_id] = parent
+        for seq in parent.sequences:
+            self._seq_of[seq.request.request_id] = (parent, seq)
+            self.scheduler.add_request(seq.request)
+
+    def _check_lengths(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Validate the prompt against the model and return the resolved max_tokens."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        vocab = self.arch.vocab_size
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        n = len(prompt_ids)
+        if n >= self.max_model_len and not (n == self.max_model_len and params.max_tokens == 0):
+            raise ValueError(
+                f"the prompt has {n} tokens, but this model's context is {self.max_model_len} "
+                f"tokens (max_model_len), which must also leave room for the output"
+            )
+        if params.max_tokens is None:
+            return self.max_model_len - n
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len ({self.max_model_len}); shorten the prompt or ask for fewer tokens"
+            )
+        return params.max_tokens
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Abort requests by id (unknown or finished ids are ignored); returns final outputs."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        outputs = []
+        for rid in ids:
+            parent = self.parents.get(rid)
+            if parent is None:
+                continue
+            live = [s.request.request_id for s in parent.sequences if not s.request.is_finished]
+            self.scheduler.finish_requests(live, FinishReason.ABORT)
+            outputs.append(self._finish_parent(parent))
+        return outputs
+
+    # -- stepping ----------------------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.parents)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.parents)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return outputs of requests that got new tokens or finished."""
+        sched = self.scheduler.schedule()
+        now = time.time()
+        for s in sched.scheduled:
+            parent, _ = self._seq_of[s.request.request_id]
+            if parent.metrics.first_scheduled_time is None:
+                parent.metrics.first_scheduled_time = now
+        try:
+            model_out = self.runner.execute(sched)
+        except Exception:
+            # A failure inside the model must not take the engine down: the requests of this
+            # step fail alone, with their blocks returned.
+            logger.exception(
+                "model step failed; failing the %d requests in it", len(sched.scheduled)
+            )
+            return self._fail_step(sched)
+        self.num_steps += 1
+        self.num_prompt_tokens_computed += sum(
+            max(0, min(s.start + s.num_tokens, s.request.num_prompt_tokens) - s.start)
+            for s in sched.scheduled
+        )
+        updated = self.scheduler.update_from_output(sched, model_out.sampled)
+        outputs = self._process(model_out, updated)
+        if self.check_every_step or not self.parents:
+            self.check_integrity()
+        return outputs
+
+    def _fail_step(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        ids = [s.request.request_id for s in sched.scheduled]
+        self.scheduler.finish_requests(ids, FinishReason.ERROR)
+        parents = {self._seq_of[rid][0].request_id: self._seq_of[rid][0] for rid in ids}
+        outputs = []
+        for parent in parents.values():
+            live = [s.request.request_id for s in parent.sequences if not s.request.is_finished]
+            self.scheduler.finish_requests(live, FinishReason.ERROR)
+            outputs.append(self._finish_parent(parent))
+        return outputs
+
+    def _process(
+        self, model_out: ModelOutput, updated: list[tuple[Request, list[int]]]
+    ) -> list[RequestOutput]:
+        touched: dict[str, _ParentRequest] = {}
+        for rid, (first, entries) in model_out.prompt_logprobs.items():
+            parent, _ = self._seq_of[rid]
+            self._record_prompt_logprobs(parent, first, entries)
+        now = time.time()
+        for request, new_tokens in updated:
+            parent, seq = self._seq_of[request.request_id]
+            touched[parent.request_id] = parent
+            self.num_generated_tokens += len(new_tokens)
+            if new_tokens and parent.metrics.first_token_time is None:
+                parent.metrics.first_token_time = now
+            if seq.logprobs is not None:
+                for entry in model_out.logprobs.get(request.request_id, []):
+                    seq.logprobs.append(self._position_logprobs(entry))
+                    seq.cumulative_logprob += entry.logprob
+            self._detokenize(seq, new_tokens)
+        return [self._output(p) for p in touched.values()]
+
+    def _detokenize(self, seq: _Sequence, new_tokens: list[int]) -> None:
+        request = seq.request
+        params = request.sampling_params
+        text_tokens = new_tokens
+        # Stop strings are matched below, so a STOP already set here came from EOS or a stop
+        # token id: that token ends the sequence but is not part of its text.
+        stopped_by_token = request.finish_reason is FinishReason.STOP
+        if stopped_by_token and new_tokens and not params.include_stop_str_in_output:
+            text_tokens = new_tokens[:-1]  # the stop token itself is not text
+        matched = seq.detokenizer.update(text_tokens) if text_tokens else None
+        if matched is not None:
+            if request.is_finished:
+                # The same token hit max_tokens and completed a stop string: the stop wins.
+                request.finish_reason, request.stop_reason = FinishReason.STOP, matched
+            else:
+                self.scheduler.finish_requests(
+                    [request.request_id], FinishReason.STOP, stop_reason=matched
+                )
+        if request.is_finished:
+            self._finish_text(seq)
+
+    def _finish_text(self, seq: _Sequence) -> None:
+        if seq.text_done:
+            return
+        seq.detokenizer.finish()
+        seq.text_done = True
+        # The flushed tail (a character completed only at the end) may complete a stop string.
+        matched = seq.detokenizer.matched_stop
+        request = seq.request
+        if matched is not None and request.stop_reason != matched:
+            request.finish_reason, request.stop_reason = FinishReason.STOP, matched
+
+    def _record_prompt_logprobs(
+        self, parent: _ParentRequest, first: int, entries: list[TokenLogprobs]
+    ) -> None:
+        # After a preemption (or with n > 1) positions are computed again; keep the first.
+        assert parent.prompt_logprobs is not None
+        have = len(parent.prompt_logprobs)
+        for i, entry in enumerate(entries):
+            if first + i == have:
+                parent.prompt_logprobs.append(self._position_logprobs(entry))
+                have += 1
+
+    def _position_logprobs(self, entry: TokenLogprobs) -> PositionLogprobs:
+        result: PositionLogprobs = {
+            entry.token_id: Logprob(entry.logprob, entry.rank, self._decode_one(entry.token_id))
+        }
+        for rank, (tid, lp) in enumerate(entry.top, start=1):
+            if tid not in result:
+                result[tid] = Logprob(lp, rank, self._decode_one(tid))
+        return result
+
+    def _decode_one(self, token_id: int) -> str:
+        text = self._decoded.get(token_id)
+        if text is None:
+            text = str(self.tokenizer.decode([token_id]))
+            self._decoded[token_id] = text
+        return text
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _output(self, parent: _ParentRequest) -> RequestOutput:
+        if parent.finished:
+            return self._finish_parent(parent)
+        return self._make_output(parent)
+
+    def _finish_parent(self, parent: _ParentRequest) -> RequestOutput:
+        """Forget a parent whose samples all ended; returns its final output."""
+        for seq in parent.sequences:
+            self._seq_of.pop(seq.request.request_id, None)
+            self._finish_text(seq)
+        self.parents.pop(parent.request_id, None)
+        parent.metrics.finish_time = time.time()
+        return self._make_output(parent)
+
+    def _make_output(self, parent: _ParentRequest) -> RequestOutput:
+        outputs = []
+        for seq in parent.sequences:
+            r = seq.request
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.detokenizer.output_text,
+                    token_ids=list(r.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    finish_reason=r.finish_reason.value if r.finish_reason else None,
+                    stop_reason=r.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            prompt_logprobs=list(parent.prompt_logprobs) if parent.prompt_logprobs else None,
+            outputs=outputs,
+            finished=parent.finished,
+            metrics=parent.metrics,
+        )
+
+    # -- health ------------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """Raise if the KV pool's bookkeeping is broken; when idle, every block must be free."""
+        self.scheduler.check_integrity()
+        if not self.parents and self.kv_cache.pool.num_free_blocks != self.kv_cache.num_blocks:
+            raise AssertionError("engine is idle but KV blocks are still in use")

@@ -1,0 +1,148 @@
+"""``convoy.LLM``: offline batch generation, shaped like vLLM's ``LLM``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from convoy.config import EngineConfig
+from convoy.engine.engine import LLMEngine
+from convoy.outputs import RequestOutput
+from convoy.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    """Load a model once, then generate for many prompts at once.
+
+    >>> llm = LLM(model="path/or/hub-id", max_num_seqs=64)
+    >>> outs = llm.generate(["Hello", "def f(x):"], SamplingParams(max_tokens=32))
+
+    Keyword arguments are the fields of :class:`~convoy.config.ModelConfig`,
+    :class:`~convoy.config.CacheConfig` and :class:`~convoy.config.SchedulerConfig`.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (a string or a list of token ids); results in input order.
+
+        All prompts are validated before any runs: a prompt that cannot be served raises
+        ``ValueError`` naming its index, and nothing is left queued.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(prompt_list)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts"
+                )
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the checkpoint's chat template (or ``chat_template``) to each conversation."""
+        conversations: list[list[Message]]
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]  # one conversation
+        else:
+            conversations = messages  # type: ignore[assignment]
+        tok = self.engine.tokenizer
+        prompts: list[Prompt] = []
+        for conv in conversations:
+            text = tok.apply_chat_template(
+                conv,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+            )
+            # The template writes the special tokens (BOS included) itself.
+            prompts.append(tok.encode(str(text), add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(
+        self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        ids = [engine.new_request_id() for _ in prompts]
+        added: list[str] = []
+        try:
+            for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params, strict=True)):
+                try:
+                    engine.add_request(rid, prompt, p)
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}") from e
+                added.append(rid)
+        except BaseException:
+            engine.abort_request(added)
+            raise
+
+        results: dict[str, RequestOutput] = {}
+        bar = _progress(len(prompts)) if use_tqdm else None
+        start = time.perf_counter()
+        try:
+            while len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(
+                        f"in {engine.num_prompt_tokens_computed / elapsed:.0f} tok/s, "
+                        f"out {engine.num_generated_tokens / elapsed:.0f} tok/s",
+                        refresh=False,
+                    )
+        except BaseException:
+            # Ctrl-C or a crash: leave the engine clean for the next call.
+            engine.abort_request([rid for rid in ids if rid not in results])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items: list[Any] = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]  # one prompt given as token ids
+    for p in items:
+        if not isinstance(p, str) and not (
+            isinstance(p, list) and all(isinstance(t, int) for t in p)
+        ):
+            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(p)}")
+    return items
+
+
+def _progress(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generating", unit="req", dynamic_ncols=True)
