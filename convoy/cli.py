@@ -9,14 +9,16 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 from convoy.config import CONFIG_CLASSES
 from convoy.sampling_params import SamplingParams
 
-# Sampling fields a command line can't express well, or that the generate command fixes.
+# Sampling fields a command line can't express well.
 _SKIP_SAMPLING = {"logit_bias"}
+# Sampling fields whose flag would clash with an engine flag (the engine's --seed).
+_RENAME_SAMPLING = {"seed": "sampling_seed"}
 
 
 def _flag(name: str) -> str:
@@ -35,9 +37,13 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 def add_dataclass_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
-    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    skip: Set[str] = frozenset(),
+    rename: Mapping[str, str] | None = None,
 ) -> None:
-    """One flag per field, typed and documented from the field's annotation and ``help``."""
+    """One flag per field, typed and documented from the field's annotation and ``help``.
+
+    ``rename`` gives a field another flag (and namespace) name; :func:`_pick` maps it back.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -49,19 +55,29 @@ def add_dataclass_arguments(
         help_text = f.metadata.get("help", "")
         if default not in (None, [], {}):
             help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        dest = (rename or {}).get(f.name, f.name)
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+        flag = _flag(dest)
         if tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) is list:
             (item,) = typing.get_args(tp)
-            parser.add_argument(_flag(f.name), type=item, nargs="+", **kwargs)
+            parser.add_argument(flag, type=item, nargs="+", **kwargs)
         else:
-            parser.add_argument(_flag(f.name), type=tp, **kwargs)
+            parser.add_argument(flag, type=tp, **kwargs)
 
 
-def _pick(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
+def _pick(
+    args: argparse.Namespace, cls: type, rename: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The parsed values that belong to ``cls``, keyed by field name."""
+    given = vars(args)
+    picked = {}
+    for f in dataclasses.fields(cls):
+        dest = (rename or {}).get(f.name, f.name)
+        if dest in given:
+            picked[f.name] = given[dest]
+    return picked
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in CONFIG_CLASSES:
         add_dataclass_arguments(gen.add_argument_group(cls.__name__), cls)
     add_dataclass_arguments(
-        gen.add_argument_group("SamplingParams"), SamplingParams, skip=_SKIP_SAMPLING
+        gen.add_argument_group("SamplingParams"),
+        SamplingParams,
+        skip=_SKIP_SAMPLING,
+        rename=_RENAME_SAMPLING,
     )
     return parser
 
@@ -95,7 +114,7 @@ def _generate(args: argparse.Namespace) -> int:
     for cls in CONFIG_CLASSES:
         engine_kwargs.update(_pick(args, cls))
     try:
-        params = SamplingParams(**_pick(args, SamplingParams))
+        params = SamplingParams(**_pick(args, SamplingParams, _RENAME_SAMPLING))
     except ValueError as e:
         print(f"convoy generate: {e}", file=sys.stderr)
         return 2
