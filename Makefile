@@ -17,8 +17,8 @@ run: setup
 	$(BIN)/convoy generate --max-tokens 48 "def fibonacci(n):" "import os"
 
 lint: setup
-	$(BIN)/ruff check convoy tests benchmarks
-	$(BIN)/ruff format --check convoy tests benchmarks
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 	$(BIN)/mypy
 
 test: lint
