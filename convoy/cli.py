@@ -115,10 +115,10 @@ def _generate(args: argparse.Namespace) -> int:
         engine_kwargs.update(_pick(args, cls))
     try:
         params = SamplingParams(**_pick(args, SamplingParams, _RENAME_SAMPLING))
-    except ValueError as e:
+        llm = LLM(**engine_kwargs)
+    except ValueError as e:  # a bad flag value, an unsupported or missing checkpoint
         print(f"convoy generate: {e}", file=sys.stderr)
         return 2
-    llm = LLM(**engine_kwargs)
     if args.chat:
         convs = [[{"role": "user", "content": p}] for p in prompts]
         outputs = llm.chat(convs, params)

@@ -48,6 +48,9 @@ class _Sequence:
     logprobs: list[PositionLogprobs] | None
     cumulative_logprob: float = 0.0
     text_done: bool = False  # the detokenizer has flushed its held-back bytes
+    # What outputs have shown so far. It only ever grows: text that a stop string may still
+    # cut off is held back until the request ends.
+    text: str = ""
 
 
 @dataclass
@@ -145,8 +148,13 @@ class LLMEngine:
     ) -> None:
         """Queue a request; raises ``ValueError`` (and changes nothing) if it cannot be served."""
         params = params or SamplingParams()
-        if request_id in self.parents:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        child_ids = (
+            [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
+        )
+        # Check every id first: a half-added request would never finish.
+        for rid in {request_id, *child_ids}:
+            if rid in self.parents or rid in self._seq_of:
+                raise ValueError(f"request id {rid!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         max_tokens = self._check_lengths(prompt_ids, params)
@@ -163,8 +171,7 @@ class LLMEngine:
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             metrics=metrics,
         )
-        for i in range(params.n):
-            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+        for i, child_id in enumerate(child_ids):
             # Each sample gets its own seed, so the n samples differ but stay reproducible.
             child_params = params if params.seed is None else params.clone(seed=params.seed + i)
             request = Request(
@@ -371,10 +378,11 @@ class LLMEngine:
         outputs = []
         for seq in parent.sequences:
             r = seq.request
+            seq.text += seq.detokenizer.get_delta(finished=r.is_finished)
             outputs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=seq.detokenizer.output_text,
+                    text=seq.text,
                     token_ids=list(r.output_token_ids),
                     cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,

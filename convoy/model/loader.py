@@ -102,10 +102,9 @@ def load_model(
                         f"the model expects {tuple(dest.shape)}"
                     )
                 dest.copy_(tensor.to(dtype))
-                loaded.add(param_name if rows is None else f"{param_name}[{rows[0]}]")
+                loaded.add(name)
 
-    expected = _expected_pieces(model, arch)
-    missing = sorted(expected - loaded)
+    missing = sorted(_expected_checkpoint_names(model, arch) - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks weights: {missing[:8]}")
     return model.eval()
@@ -138,18 +137,16 @@ def _place(
     raise CheckpointError(f"checkpoint tensor {name!r} does not belong to {arch.architecture}")
 
 
-def _expected_pieces(model: DecoderForCausalLM, arch: ModelArch) -> set[str]:
-    """Every parameter (or fused shard) that must come from the checkpoint."""
+def _expected_checkpoint_names(model: DecoderForCausalLM, arch: ModelArch) -> set[str]:
+    """The checkpoint tensor names the model needs (fused parameters by their parts' names)."""
+    parts_of: dict[str, list[str]] = {}
+    for part, (fused, _) in PACKED_MODULES.items():
+        parts_of.setdefault(fused, []).append(part)
     expected: set[str] = set()
-    for name, param in model.named_parameters():
+    for name, _ in model.named_parameters():
         if name == "lm_head.weight" and arch.tie_word_embeddings:
             continue
-        if ".qkv_proj." in name:
-            attn = model.get_submodule(name.rsplit(".", 2)[0])
-            assert isinstance(attn, Attention)
-            expected |= {f"{name}[{off}]" for off, _ in attn.shard_sizes().values()}
-        elif ".gate_up_proj." in name:
-            expected |= {f"{name}[0]", f"{name}[{param.shape[0] // 2}]"}
-        else:
-            expected.add(name)
+        *path, module, suffix = name.split(".")
+        for part in parts_of.get(module, [module]):
+            expected.add(".".join([*path, part, suffix]))
     return expected
