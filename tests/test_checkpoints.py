@@ -28,23 +28,13 @@ from convoy.checkpoints import (
     train_tokenizer,
     write_random_checkpoint,
 )
+from tests.conftest import LLAMA3_ROPE, TOKENIZER_VOCAB
+from tests.conftest import TINY as ENGINE_TINY
 
-VOCAB = 512
-TINY: dict[str, Any] = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-)
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
+VOCAB = TOKENIZER_VOCAB
+# The engine tests' shapes, at write_random_checkpoint's default init (its statistics are
+# what some tests here check).
+TINY: dict[str, Any] = {k: v for k, v in ENGINE_TINY.items() if k != "init_std"}
 ROUND_TRIP_TEXTS = [
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
     "  leading spaces, trailing spaces  \n\n\ttabs\r\nand CRLF",
