@@ -42,7 +42,7 @@ def add_dataclass_arguments(
 ) -> None:
     """One flag per field, typed and documented from the field's annotation and ``help``.
 
-    ``rename`` gives a field another flag (and namespace) name; :func:`_pick` maps it back.
+    ``rename`` gives a field another flag (and namespace) name; :func:`pick_fields` maps it back.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -67,7 +67,7 @@ def add_dataclass_arguments(
             parser.add_argument(flag, type=tp, **kwargs)
 
 
-def _pick(
+def pick_fields(
     args: argparse.Namespace, cls: type, rename: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """The parsed values that belong to ``cls``, keyed by field name."""
@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         skip=_SKIP_SAMPLING,
         rename=_RENAME_SAMPLING,
     )
+
+    # Imported here: convoy.bench.cli imports this module's helpers.
+    from convoy.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -112,9 +117,9 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     engine_kwargs: dict[str, Any] = {}
     for cls in CONFIG_CLASSES:
-        engine_kwargs.update(_pick(args, cls))
+        engine_kwargs.update(pick_fields(args, cls))
     try:
-        params = SamplingParams(**_pick(args, SamplingParams, _RENAME_SAMPLING))
+        params = SamplingParams(**pick_fields(args, SamplingParams, _RENAME_SAMPLING))
         llm = LLM(**engine_kwargs)
     except ValueError as e:  # a bad flag value, an unsupported or missing checkpoint
         print(f"convoy generate: {e}", file=sys.stderr)
@@ -147,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "bench":
+        from convoy.bench.cli import run_bench
+
+        return run_bench(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 
