@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
-from convoy.config import CONFIG_CLASSES
+from convoy.config import CONFIG_CLASSES, ServerConfig
 from convoy.sampling_params import SamplingParams
 
 # Sampling fields a command line can't express well.
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
         rename=_RENAME_SAMPLING,
     )
 
+    serve = sub.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible HTTP API",
+        description="Serve /v1/completions, /v1/chat/completions and friends over HTTP.",
+    )
+    serve.add_argument("model_positional", nargs="?", metavar="MODEL", help="same as --model")
+    for cls in (*CONFIG_CLASSES, ServerConfig):
+        add_dataclass_arguments(serve.add_argument_group(cls.__name__), cls)
+
     # Imported here: convoy.bench.cli imports this module's helpers.
     from convoy.bench.cli import add_bench_parser
 
@@ -148,10 +158,32 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from convoy.config import EngineConfig
+    from convoy.server.run import serve
+
+    if args.model_positional is not None:
+        args.model = args.model_positional
+    engine_kwargs: dict[str, Any] = {}
+    for cls in CONFIG_CLASSES:
+        engine_kwargs.update(pick_fields(args, cls))
+    try:
+        engine_config = EngineConfig.from_kwargs(**engine_kwargs)
+        server_config = ServerConfig(**pick_fields(args, ServerConfig))
+    except ValueError as e:
+        print(f"convoy serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    serve(engine_config, server_config)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "bench":
         from convoy.bench.cli import run_bench
 

@@ -63,6 +63,39 @@ class SchedulerConfig:
     )
 
 
+@dataclass
+class ServerConfig:
+    """The OpenAI-compatible HTTP server (``convoy serve``)."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    api_key: str | None = field(
+        default=None, metadata={"help": "Require 'Authorization: Bearer KEY' on /v1 routes."}
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "Model name clients use (default: the --model value)."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Jinja chat template, or a file holding one (default: the model's)."},
+    )
+    max_concurrent_requests: int | None = field(
+        default=None,
+        metadata={"help": "Requests handed to the engine at once; more wait in the queue."},
+    )
+    max_queued_requests: int | None = field(
+        default=None,
+        metadata={"help": "Requests waiting for a slot before new ones get 429 (default: none)."},
+    )
+    max_request_body_bytes: int = field(
+        default=16 * 2**20, metadata={"help": "Larger request bodies get 413."}
+    )
+    shutdown_grace_s: float = field(
+        default=30.0,
+        metadata={"help": "On SIGTERM, time in-flight requests get to finish before abort."},
+    )
+
+
 CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, CacheConfig, SchedulerConfig)
 
 

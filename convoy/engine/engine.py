@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -139,6 +140,23 @@ class LLMEngine:
         ids: list[int] = self.tokenizer.encode(prompt)
         return ids
 
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the checkpoint's (or the given) template."""
+        text = self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+        # The template writes the special tokens (BOS included) itself.
+        ids: list[int] = self.tokenizer.encode(str(text), add_special_tokens=False)
+        return ids
+
     def add_request(
         self,
         request_id: str,
@@ -222,13 +240,20 @@ class LLMEngine:
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests by id (unknown or finished ids are ignored); returns final outputs."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        return self.end_requests(ids, FinishReason.ABORT)
+
+    def end_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[RequestOutput]:
+        """End requests now with ``reason``: their unfinished samples free their blocks.
+
+        Unknown or finished ids are ignored. Returns the requests' final outputs.
+        """
         outputs = []
-        for rid in ids:
+        for rid in request_ids:
             parent = self.parents.get(rid)
             if parent is None:
                 continue
             live = [s.request.request_id for s in parent.sequences if not s.request.is_finished]
-            self.scheduler.finish_requests(live, FinishReason.ABORT)
+            self.scheduler.finish_requests(live, reason)
             outputs.append(self._finish_parent(parent))
         return outputs
 
@@ -269,15 +294,8 @@ class LLMEngine:
         return outputs
 
     def _fail_step(self, sched: SchedulerOutput) -> list[RequestOutput]:
-        ids = [s.request.request_id for s in sched.scheduled]
-        self.scheduler.finish_requests(ids, FinishReason.ERROR)
-        parents = {self._seq_of[rid][0].request_id: self._seq_of[rid][0] for rid in ids}
-        outputs = []
-        for parent in parents.values():
-            live = [s.request.request_id for s in parent.sequences if not s.request.is_finished]
-            self.scheduler.finish_requests(live, FinishReason.ERROR)
-            outputs.append(self._finish_parent(parent))
-        return outputs
+        parents = {self._seq_of[s.request.request_id][0].request_id for s in sched.scheduled}
+        return self.end_requests(parents, FinishReason.ERROR)
 
     def _process(
         self, model_out: ModelOutput, updated: list[tuple[Request, list[int]]]

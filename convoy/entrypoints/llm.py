@@ -71,17 +71,10 @@ class LLM:
             conversations = [messages]  # one conversation
         else:
             conversations = messages  # type: ignore[assignment]
-        tok = self.engine.tokenizer
-        prompts: list[Prompt] = []
-        for conv in conversations:
-            text = tok.apply_chat_template(
-                conv,
-                chat_template=chat_template,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=False,
-            )
-            # The template writes the special tokens (BOS included) itself.
-            prompts.append(tok.encode(str(text), add_special_tokens=False))
+        prompts: list[Prompt] = [
+            self.engine.apply_chat_template(conv, chat_template, add_generation_prompt)
+            for conv in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(
