@@ -1,4 +1,4 @@
-"""``convoy bench throughput`` and ``convoy bench latency``: parsers, runs and reports.
+"""``convoy bench throughput``, ``latency`` and ``serve``: parsers, runs and reports.
 
 The JSON report (``--json OUT``) is meant to be read back by a harness that runs the same
 workload on other engines, so it carries everything needed to rebuild and score the run
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -42,14 +43,14 @@ from convoy.config import CONFIG_CLASSES
 if TYPE_CHECKING:
     from convoy.entrypoints.llm import LLM
 
-__all__ = ["add_bench_parser", "run_bench"]
+__all__ = ["add_bench_parser", "run_bench", "token_space", "workload_from_args"]
 
 # Report format version: bump when a key changes meaning, so readers can refuse old files.
 REPORT_VERSION = 1
 
 
 def add_bench_parser(sub: Any) -> None:
-    """Add ``bench`` (with ``throughput`` and ``latency``) to the ``convoy`` subparsers."""
+    """Add ``bench`` (``throughput``, ``latency``, ``serve``) to the ``convoy`` subparsers."""
     bench = sub.add_parser(
         "bench",
         help="measure throughput and latency",
@@ -63,29 +64,7 @@ def add_bench_parser(sub: Any) -> None:
         description="Submit every request of a workload at once and time the run. Output "
         "lengths are exact: EOS is ignored.",
     )
-    w = tp.add_argument_group("workload")
-    w.add_argument(
-        "--dataset", choices=("random", "shared-prefix", "jsonl"), default="random", help="workload"
-    )
-    w.add_argument("--num-prompts", type=int, default=64, help="requests (random, shared-prefix)")
-    w.add_argument("--input-len-min", type=int, default=64, help="random: shortest prompt")
-    w.add_argument("--input-len-max", type=int, default=256, help="random: longest prompt")
-    w.add_argument("--output-len-min", type=int, default=32, help="random: shortest output")
-    w.add_argument("--output-len-max", type=int, default=128, help="random: longest output")
-    w.add_argument(
-        "--num-groups", type=int, default=4, help="shared-prefix: groups (num-prompts split evenly)"
-    )
-    w.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: shared tokens")
-    w.add_argument("--suffix-len", type=int, default=32, help="shared-prefix: own tokens")
-    w.add_argument(
-        "--output-len",
-        type=int,
-        default=None,
-        help="shared-prefix: output length (default 64); jsonl: for lines without output_len",
-    )
-    w.add_argument("--dataset-path", type=Path, help="jsonl: file of prompts")
-    w.add_argument("--dataset-seed", type=int, default=0, help="seed of the random workloads")
-    w.add_argument("--save-workload", type=Path, help="write the workload's token ids here (JSONL)")
+    _add_workload_args(tp)
     tp.add_argument(
         "--warmup",
         action=argparse.BooleanOptionalAction,
@@ -109,6 +88,116 @@ def add_bench_parser(sub: Any) -> None:
     g.add_argument("--dataset-seed", type=int, default=0, help="seed of the random prompts")
     _add_common(lat)
 
+    sv = kinds.add_parser(
+        "serve",
+        help="online load test of a running OpenAI-compatible server",
+        description="Stream /v1/completions requests to a running OpenAI-compatible server "
+        "(convoy, vLLM, llama.cpp's server, llama-cpp-python) on a Poisson or gamma arrival "
+        "process; report TTFT, TPOT, ITL, end-to-end latency, throughput and goodput. "
+        "Requests carry ignore_eos (honoured by vLLM, convoy and llama.cpp's llama-server, not "
+        "by llama-cpp-python): output lengths are exact only on servers that honour it, so the "
+        "report counts the tokens each request really got.",
+    )
+    g = sv.add_argument_group("server")
+    g.add_argument(
+        "--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (no /v1)"
+    )
+    g.add_argument("--model", help="model name to request (default: first id of GET /v1/models)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)",
+    )
+    g.add_argument(
+        "--prompt-format",
+        choices=("ids", "text"),
+        default="ids",
+        help="send prompts as token-id lists (default; convoy and vLLM accept them) or as "
+        "text decoded with --tokenizer (for servers that take only strings)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        help="Hugging Face tokenizer (path or id) for random prompts' token space and for "
+        "decoding text prompts (default: the served model if it is a local directory, or "
+        "convoy's default model if the server serves that)",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may take, end to end, before it counts as failed (default: 300)",
+    )
+    g.add_argument(
+        "--extra-body",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="JSON object merged into every request body (server-specific fields)",
+    )
+    a = sv.add_argument_group("arrivals")
+    a.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="mean requests per second (default: inf, every request at once)",
+    )
+    a.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="shape of the gamma-distributed inter-arrival times: 1 is a Poisson process, "
+        "below 1 burstier, above 1 more regular (default: 1)",
+    )
+    a.add_argument(
+        "--max-concurrency", type=int, default=None, help="most requests in flight at once"
+    )
+    a.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
+    _add_workload_args(sv)
+    o = sv.add_argument_group("run")
+    o.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    o.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="METRIC:MS",
+        help="service-level objectives (ttft, tpot, e2el in ms, e.g. ttft:500 tpot:50): "
+        "goodput is the rate of requests meeting all of them",
+    )
+    o.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send one short untimed request first, which also checks the server accepts "
+        "the requests (default: on)",
+    )
+    o.add_argument("--json", type=Path, metavar="OUT", help="write the full result here")
+
+
+def _add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload flags ``throughput`` and ``serve`` share."""
+    w = parser.add_argument_group("workload")
+    w.add_argument(
+        "--dataset", choices=("random", "shared-prefix", "jsonl"), default="random", help="workload"
+    )
+    w.add_argument("--num-prompts", type=int, default=64, help="requests (random, shared-prefix)")
+    w.add_argument("--input-len-min", type=int, default=64, help="random: shortest prompt")
+    w.add_argument("--input-len-max", type=int, default=256, help="random: longest prompt")
+    w.add_argument("--output-len-min", type=int, default=32, help="random: shortest output")
+    w.add_argument("--output-len-max", type=int, default=128, help="random: longest output")
+    w.add_argument(
+        "--num-groups", type=int, default=4, help="shared-prefix: groups (num-prompts split evenly)"
+    )
+    w.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: shared tokens")
+    w.add_argument("--suffix-len", type=int, default=32, help="shared-prefix: own tokens")
+    w.add_argument(
+        "--output-len",
+        type=int,
+        default=None,
+        help="shared-prefix: output length (default 64); jsonl: for lines without output_len",
+    )
+    w.add_argument("--dataset-path", type=Path, help="jsonl: file of prompts")
+    w.add_argument("--dataset-seed", type=int, default=0, help="seed of the random workloads")
+    w.add_argument("--save-workload", type=Path, help="write the workload's token ids here (JSONL)")
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("run")
@@ -131,9 +220,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the parsed ``convoy bench`` command; returns the exit status."""
+    name = f"convoy bench {args.bench_command}"
+    if args.bench_command == "serve":
+        from convoy.bench.serve import run_serve
+
+        return run_serve(args, name)
     from convoy import LLM
 
-    name = f"convoy bench {args.bench_command}"
     engine_kwargs: dict[str, Any] = {}
     for cls in CONFIG_CLASSES:
         engine_kwargs.update(pick_fields(args, cls))
@@ -152,9 +245,15 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _token_space(llm: LLM) -> tuple[int, list[int]]:
     """(vocabulary size random prompts draw from, special ids they avoid)."""
-    tok = llm.get_tokenizer()
+    return token_space(llm.get_tokenizer(), llm.engine.arch.vocab_size)
+
+
+def token_space(tok: Any, model_vocab_size: int | None) -> tuple[int, list[int]]:
+    """(vocabulary size random prompts draw from, special ids they avoid) of a Hugging Face
+    tokenizer ``tok`` for a model with ``model_vocab_size`` embedding rows (``None``: unknown,
+    use the tokenizer's size)."""
     # Ids past the tokenizer's vocabulary (padded embedding rows) would not decode.
-    vocab = min(llm.engine.arch.vocab_size, len(tok))
+    vocab = len(tok) if model_vocab_size is None else min(model_vocab_size, len(tok))
     # all_special_ids lists only the named ones (BOS, EOS, PAD...); chat markers such as
     # <|im_start|> are special added tokens that only added_tokens_decoder knows about.
     special = set(tok.all_special_ids)
@@ -164,7 +263,24 @@ def _token_space(llm: LLM) -> tuple[int, list[int]]:
 
 def _workload(llm: LLM, args: argparse.Namespace) -> tuple[list[BenchRequest], dict[str, Any]]:
     """The requests and the recipe that rebuilds them (for the report)."""
-    vocab, avoid = _token_space(llm)
+    return workload_from_args(args, llm.get_tokenizer(), llm.engine.arch.vocab_size)
+
+
+def workload_from_args(
+    args: argparse.Namespace, tokenizer: Any | None, model_vocab_size: int | None
+) -> tuple[list[BenchRequest], dict[str, Any]]:
+    """The requests the workload flags describe, and the recipe that rebuilds them.
+
+    ``tokenizer`` (a Hugging Face tokenizer) gives the token space of random prompts and
+    encodes JSONL text prompts; it may be ``None`` only for a JSONL file of token ids.
+    """
+    vocab: int = 0
+    avoid: list[int] = []
+    if tokenizer is None:
+        if args.dataset != "jsonl":
+            raise ValueError(f"--dataset {args.dataset} needs a tokenizer")
+    else:
+        vocab, avoid = token_space(tokenizer, model_vocab_size)
     common = {"vocab_size": vocab, "avoid_ids": avoid, "seed": args.dataset_seed}
     if args.dataset == "random":
         spec: dict[str, Any] = {
@@ -213,7 +329,7 @@ def _workload(llm: LLM, args: argparse.Namespace) -> tuple[list[BenchRequest], d
         if args.dataset_path is None:
             raise ValueError("--dataset jsonl needs --dataset-path")
         spec = {"dataset": "jsonl", "path": str(args.dataset_path), "output_len": args.output_len}
-        requests = jsonl_workload(args.dataset_path, llm.get_tokenizer(), args.output_len)
+        requests = jsonl_workload(args.dataset_path, tokenizer, args.output_len)
     if not requests:
         raise ValueError("the workload has no requests")
     return requests, spec

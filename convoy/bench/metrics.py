@@ -24,6 +24,7 @@ from typing import Any
 __all__ = [
     "LatencyResult",
     "RequestTiming",
+    "ServingStats",
     "Stats",
     "ThroughputResult",
     "batch_phase_times",
@@ -34,6 +35,7 @@ __all__ = [
     "percentile",
     "render_table",
     "summarize",
+    "summarize_serving",
     "tpot",
     "ttft",
 ]
@@ -79,6 +81,21 @@ def summarize(values: Sequence[float]) -> Stats | None:
     if not values:
         return None
     return Stats(mean(values), percentile(values, 50), percentile(values, 99), len(values))
+
+
+@dataclass(frozen=True)
+class ServingStats(Stats):
+    """:class:`Stats` plus the 90th percentile, as online serving benchmarks report it."""
+
+    p90: float
+
+
+def summarize_serving(values: Sequence[float]) -> ServingStats | None:
+    """Mean, median, p90 and p99 of ``values``; ``None`` when there are none."""
+    base = summarize(values)
+    if base is None:
+        return None
+    return ServingStats(base.mean, base.median, base.p99, base.count, percentile(values, 90))
 
 
 @dataclass(frozen=True)
