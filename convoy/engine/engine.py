@@ -34,7 +34,7 @@ from convoy.model.runner import (
     resolve_dtype,
 )
 from convoy.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from convoy.sampling_params import SamplingParams
+from convoy.sampling_params import InvalidParamError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -217,23 +217,34 @@ class LLMEngine:
     def _check_lengths(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Validate the prompt against the model and return the resolved max_tokens."""
         if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
+            raise InvalidParamError("prompt", "the prompt is empty; give at least one token")
         vocab = self.arch.vocab_size
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+            raise InvalidParamError(
+                "prompt", f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}"
+            )
+        # Checked here, not in SamplingParams, because only the model knows its vocabulary;
+        # an id the sampler cannot index would fail every request of the step.
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise InvalidParamError(
+                "logit_bias", f"logit_bias keys must be token ids in [0, {vocab}), got {bad[:5]}"
+            )
         n = len(prompt_ids)
         if n >= self.max_model_len and not (n == self.max_model_len and params.max_tokens == 0):
-            raise ValueError(
+            raise InvalidParamError(
+                "prompt",
                 f"the prompt has {n} tokens, but this model's context is {self.max_model_len} "
-                f"tokens (max_model_len), which must also leave room for the output"
+                f"tokens (max_model_len), which must also leave room for the output",
             )
         if params.max_tokens is None:
             return self.max_model_len - n
         if n + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise InvalidParamError(
+                "max_tokens",
                 f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"max_model_len ({self.max_model_len}); shorten the prompt or ask for fewer tokens"
+                f"max_model_len ({self.max_model_len}); shorten the prompt or ask for fewer tokens",
             )
         return params.max_tokens
 

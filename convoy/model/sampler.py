@@ -153,7 +153,7 @@ def _top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
     if any(ks):
-        k = torch.tensor([k if k > 0 else vocab for k in ks], device=logits.device)
+        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in ks], device=logits.device)
         mask |= torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
         sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
     if any(p < 1.0 for p in ps):

@@ -30,6 +30,9 @@ from convoy.server.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
 
+# Names pydantic puts in an error's loc for the member of a union that failed.
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+
 # Routes anyone may call even with --api-key (load balancers and scrapers).
 _PUBLIC_PATHS = {"/health", "/metrics", "/docs", "/openapi.json"}
 
@@ -94,25 +97,26 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await _send_too_large(send, self.max_bytes)
             return
+        # Read the body here, up to the limit: a chunked body declares no length, and an
+        # error raised from inside the framework's body parsing would come out as a 400.
+        messages: list[Message] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLargeError
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                await _send_too_large(send, self.max_bytes)
+                return
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLargeError:
-            await _send_too_large(send, self.max_bytes)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
 
-
-class _TooLargeError(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 class ApiKeyAuth:
@@ -184,7 +188,17 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str) -> Fas
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # pydantic's loc goes on into union members ("prompt.str", "prompt.list[int]"), which
+        # are not fields; for broken JSON it ends in a character offset.
+        loc: list[str] = []
+        for part in first.get("loc", ()):
+            if part == "body":
+                continue
+            if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part):
+                break
+            loc.append(str(part))
+        if first.get("type") == "json_invalid":
+            loc = []
         message = "; ".join(
             f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: "
             f"{err.get('msg')}"

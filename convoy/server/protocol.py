@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from convoy.sampling_params import SamplingParams
+from convoy.sampling_params import InvalidParamError, SamplingParams
 
 
 class APIError(Exception):
@@ -62,7 +62,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Extras (vLLM's names).
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     min_tokens: int = Field(default=0, ge=0)
@@ -83,7 +83,9 @@ class _Request(BaseModel):
             try:
                 bias[int(key)] = value
             except ValueError:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+                raise InvalidParamError(
+                    "logit_bias", f"logit_bias keys must be token ids, got {key!r}"
+                ) from None
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,

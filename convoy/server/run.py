@@ -47,6 +47,11 @@ class _GracefulServer(uvicorn.Server):
             timer.daemon = True
             timer.start()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once it has stopped, which would make a clean,
+        # drained shutdown exit -15; we handled this one, so exit 0 instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def serve(engine_config: EngineConfig, server: ServerConfig) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +33,24 @@ from convoy.server.protocol import (
 _DISCONNECT_POLL_S = 0.02
 
 
+async def _releasing(
+    body: AsyncIterator[str], slot: contextlib.AsyncExitStack
+) -> AsyncIterator[str]:
+    """``body``, then give the admission slot back (also when the client goes away)."""
+    try:
+        async for piece in body:
+            yield piece
+    finally:
+        await slot.aclose()
+
+
 @dataclass
 class _Choice:
     """What has been sent of one choice so far (for streaming deltas)."""
 
     text_sent: int = 0
     tokens_sent: int = 0
+    text_offset: int = 0  # where the next logprobs token starts in the choice's text
     started: bool = False
     finished: bool = False
 
@@ -93,7 +105,9 @@ class OpenAIServing:
                 )
         except ValueError as e:
             job.abort()
-            raise APIError(str(e), param=param) from e
+            # The engine's "prompt" is this route's prompt field ("messages" for chat).
+            field = getattr(e, "param", None)
+            raise APIError(str(e), param=param if field in (None, "prompt") else field) from e
         job.latest = [None] * len(prompts)
         return job
 
@@ -116,18 +130,10 @@ class OpenAIServing:
             job = await self._start(prompts, params, request_id, param)
             job.prompt_texts = prompt_texts or []
             if stream is not None:
-                body = stream(job)
-
-                async def released() -> AsyncIterator[str]:
-                    try:
-                        async for piece in body:
-                            yield piece
-                    finally:
-                        await slot.aclose()
-
-                response = StreamingResponse(released(), media_type="text/event-stream")
-                slot = contextlib.AsyncExitStack()  # now owned by the stream
-                return response
+                response = StreamingResponse(
+                    _releasing(stream(job), slot.pop_all()), media_type="text/event-stream"
+                )
+                return response  # the stream now holds the slot; ``slot`` is empty
             outputs = await self._collect(job, raw)
         finally:
             await slot.aclose()
@@ -237,7 +243,7 @@ class OpenAIServing:
                 prompt_logprobs=want if req.echo and want is not None else None,
             )
         except ValueError as e:
-            raise APIError(str(e)) from e
+            raise APIError(str(e), param=getattr(e, "param", None)) from e
         if req.echo and params.n > 1 and req.stream:
             raise APIError("echo with n > 1 is not supported when streaming", param="echo")
         request_id = new_id("cmpl")
@@ -263,7 +269,9 @@ class OpenAIServing:
                     if req.echo:
                         text = self._echo(job, i) + text
                     if want is not None:
-                        logprobs = self._completion_logprobs(out, comp, req.echo, want)
+                        logprobs, _ = self._completion_logprobs(
+                            job, i, out, comp, want, with_prompt=req.echo
+                        )
                     choices.append(
                         {
                             "index": i * params.n + comp.index,
@@ -323,14 +331,20 @@ class OpenAIServing:
             delta = comp.text[state.text_sent :]
             if req.echo and not state.started:
                 delta = self._echo(job, i) + delta
-            new_tokens = len(comp.token_ids) - state.tokens_sent
             logprobs = None
-            if req.logprobs is not None and new_tokens > 0:
-                logprobs = self._logprobs_block(
-                    comp.token_ids[state.tokens_sent :],
-                    (comp.logprobs or [])[state.tokens_sent :],
+            with_prompt = req.echo and not state.started
+            if req.logprobs is not None and (
+                with_prompt or len(comp.token_ids) > state.tokens_sent
+            ):
+                logprobs, state.text_offset = self._completion_logprobs(
+                    job,
+                    i,
+                    out,
+                    comp,
                     req.logprobs,
-                    offset=0,
+                    state.tokens_sent,
+                    with_prompt,
+                    state.text_offset,
                 )
             state.started = True
             state.text_sent = len(comp.text)
@@ -355,47 +369,60 @@ class OpenAIServing:
         return chunks
 
     def _completion_logprobs(
-        self, out: RequestOutput, comp: CompletionOutput, echo: bool, k: int
-    ) -> dict[str, Any]:
+        self,
+        job: _Job,
+        i: int,
+        out: RequestOutput,
+        comp: CompletionOutput,
+        k: int,
+        first_token: int = 0,
+        with_prompt: bool = False,
+        offset: int = 0,
+    ) -> tuple[dict[str, Any], int]:
+        """OpenAI's completions logprobs (tokens, token_logprobs, top_logprobs, text_offset)
+        for output tokens from ``first_token`` on, after the prompt's if ``with_prompt``
+        (echo). Streaming calls it per chunk; returns the text offset to continue from."""
         token_ids: list[int] = []
         positions: list[PositionLogprobs | None] = []
-        if echo:
+        # Special tokens the tokenizer added to a string prompt (BOS) are not in the echoed
+        # text, so they must not move the offsets.
+        invisible: set[int] = set()
+        if with_prompt:
             token_ids += out.prompt_token_ids
             positions += list(out.prompt_logprobs or [None] * len(out.prompt_token_ids))
-        token_ids += comp.token_ids
-        positions += list(comp.logprobs or [])
-        return self._logprobs_block(token_ids, positions, k, offset=0)
+            if job.prompt_texts and job.prompt_texts[i] is not None:
+                invisible = set(self.engine.engine.tokenizer.all_special_ids)
+        num_prompt = len(token_ids)
+        token_ids += comp.token_ids[first_token:]
+        positions += list(comp.logprobs or [])[first_token:]
 
-    def _logprobs_block(
-        self,
-        token_ids: list[int],
-        positions: Sequence[PositionLogprobs | None],
-        k: int,
-        offset: int,
-    ) -> dict[str, Any]:
-        """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
         tops: list[dict[str, float] | None] = []
         offsets: list[int] = []
-        for tid, pos in zip(token_ids, positions, strict=False):
+        for j, (tid, pos) in enumerate(zip(token_ids, positions, strict=False)):
             text = self._token_text(tid, pos)
             tokens.append(text)
             offsets.append(offset)
-            offset += len(text)
+            if not (j < num_prompt and tid in invisible):
+                offset += len(text)
             if pos is None:
                 token_logprobs.append(None)
                 tops.append(None)
                 continue
             token_logprobs.append(pos[tid].logprob)
-            ranked = sorted(pos.items(), key=lambda kv: kv[1].logprob, reverse=True)[:k]
-            tops.append({self._token_text(t, pos): lp.logprob for t, lp in ranked})
-        return {
+            top: dict[str, float] = {}
+            for t, lp in sorted(pos.items(), key=lambda kv: kv[1].logprob, reverse=True)[:k]:
+                # Keyed by text: two tokens may decode alike; the likelier one stays.
+                top.setdefault(self._token_text(t, pos), lp.logprob)
+            tops.append(top)
+        block = {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
             "top_logprobs": tops,
             "text_offset": offsets,
         }
+        return block, offset
 
     def _token_text(self, token_id: int, pos: PositionLogprobs | None) -> str:
         if pos is not None and token_id in pos and pos[token_id].decoded_token is not None:
@@ -415,10 +442,12 @@ class OpenAIServing:
             raise APIError(f"could not apply the chat template: {e}", param="messages") from e
         k = (req.top_logprobs or 0) if req.logprobs else None
         try:
-            max_tokens = req.max_completion_tokens or req.max_tokens
+            max_tokens = (
+                req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+            )
             params = req.sampling_params(max_tokens, k)
         except ValueError as e:
-            raise APIError(str(e)) from e
+            raise APIError(str(e), param=getattr(e, "param", None)) from e
         request_id = new_id("chatcmpl")
         base = {
             "id": request_id,

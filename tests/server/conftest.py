@@ -32,12 +32,6 @@ STARTUP_TIMEOUT_S = 60.0
 # The fixture servers run with --shutdown-grace-s 2; uvicorn adds 5 s for open connections.
 STOP_TIMEOUT_S = 15.0
 
-# convoy bug (see test_load.py::test_sigterm_exits_zero): uvicorn re-raises the SIGTERM it
-# captured once the graceful shutdown is over, so the process dies by the signal (-15) instead
-# of exiting 0. Teardown still requires the graceful shutdown to have run; set this to False
-# once the bug is fixed so teardown insists on exit code 0.
-SIGTERM_EXIT_BUG = True
-
 # Log lines that mean the engine or the HTTP layer failed (rather than refused a bad request).
 _BAD_LOG = re.compile(r"Traceback|step failed|Exception in ASGI application|Internal Server Error")
 
@@ -130,7 +124,7 @@ def stop_server(server: ServerProcess, timeout: float = STOP_TIMEOUT_S) -> int:
 
 def assert_clean_exit(server: ServerProcess, returncode: int) -> None:
     log = server.log()
-    ok = (0, -signal.SIGTERM) if SIGTERM_EXIT_BUG else (0,)
+    ok = (0,)
     assert returncode in ok, f"exit code {returncode}:\n{log[-3000:]}"
     assert "Finished server process" in log, log[-3000:]
 

@@ -22,14 +22,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GOOD = {"model": SERVED_NAME, "prompt": "def f(x):", "max_tokens": 2, "temperature": 0}
 CHAT = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
-PARAM_BUG = (
-    "convoy bug: the error's param does not name the request field: errors raised after "
-    "pydantic validation (SamplingParams' ValueError, caught in OpenAIServing.completions/chat "
-    "as APIError(str(e))) have param None, a union field's type error names pydantic's union "
-    "branch ('prompt.str'), and malformed JSON gives the character offset as param "
-    "(RequestValidationError handler in app.py joins the 'loc' of a json_invalid error)"
-)
-
 
 @pytest.fixture(scope="module")
 def http(server: ServerProcess) -> Iterator[httpx.Client]:
@@ -58,10 +50,6 @@ def assert_serves(client: httpx.Client, headers: dict[str, str] | None = None) -
     assert r.json()["usage"]["completion_tokens"] == 2
 
 
-def xfail_param(*values: Any) -> Any:
-    return pytest.param(*values, marks=pytest.mark.xfail(strict=True, reason=PARAM_BUG))
-
-
 # -- 400 -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("path", "body", "param"),
@@ -85,10 +73,10 @@ def xfail_param(*values: Any) -> Any:
         ("/v1/completions", {**GOOD, "best_of": 3}, "best_of"),
         ("/v1/completions", {**GOOD, "suffix": "x"}, "suffix"),
         ("/v1/completions", {**GOOD, "n": 2, "echo": True, "stream": True}, "echo"),
-        xfail_param("/v1/completions", {**GOOD, "prompt": 123}, "prompt"),
-        xfail_param("/v1/completions", {**GOOD, "logit_bias": {"abc": 1}}, "logit_bias"),
-        xfail_param("/v1/completions", {**GOOD, "stop": [""]}, "stop"),
-        xfail_param("/v1/completions", {**GOOD, "min_tokens": 5}, "min_tokens"),
+        pytest.param("/v1/completions", {**GOOD, "prompt": 123}, "prompt"),
+        pytest.param("/v1/completions", {**GOOD, "logit_bias": {"abc": 1}}, "logit_bias"),
+        pytest.param("/v1/completions", {**GOOD, "stop": [""]}, "stop"),
+        pytest.param("/v1/completions", {**GOOD, "min_tokens": 5}, "min_tokens"),
         ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"content": "hi"}]}, "messages.0.role"),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, "messages"),
@@ -112,8 +100,8 @@ def test_invalid_fields_are_400(
 @pytest.mark.parametrize(
     "raw",
     [
-        xfail_param(b'{"prompt": "x", "max_tokens": 2'),
-        xfail_param(b"not json at all"),
+        pytest.param(b'{"prompt": "x", "max_tokens": 2'),
+        pytest.param(b"not json at all"),
         b"[1, 2, 3]",
         b'"a string"',
         b"",
@@ -164,15 +152,6 @@ def test_prompt_longer_than_the_context(http: httpx.Client) -> None:
         ("seed", 2**64),
         ("top_k", 10**20),
     ],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="convoy bug: out-of-range logit_bias token ids, seeds beyond 64 bits and top_k "
-    "beyond int64 pass validation (protocol._Request / SamplingParams) and then fail inside "
-    "the model step (Sampler._apply_constraints index_add_, ModelRunner._generator "
-    "manual_seed, _top_k_top_p torch.tensor): LLMEngine.step's _fail_step ends every request "
-    "of that step with finish_reason 'error', so the bad request gets 200 + 'error' instead "
-    "of 400, and other clients' requests batched with it fail too",
 )
 def test_values_the_model_cannot_take_are_400_and_harm_no_one_else(
     server: ServerProcess, http: httpx.Client, field: str, value: Any
@@ -247,13 +226,6 @@ def test_oversized_body_is_413(limited_server: ServerProcess) -> None:
         assert_serves(c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convoy bug: a body over --max-request-body-bytes sent without Content-Length "
-    "(chunked) gets 400 'There was an error parsing the body', not 413: BodySizeLimit raises "
-    "_TooLargeError from receive() inside the app, and FastAPI's body parsing turns any "
-    "exception there into HTTPException(400) before BodySizeLimit can catch it",
-)
 def test_oversized_chunked_body_is_413(limited_server: ServerProcess) -> None:
     payload = json.dumps({**GOOD, "prompt": "x" * 5000}).encode()
 
@@ -296,14 +268,6 @@ def test_full_queue_is_429_with_retry_after(limited_server: ServerProcess) -> No
         assert_serves(c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convoy bug: a streaming request gives its --max-concurrent-requests slot back as "
-    "soon as its StreamingResponse is returned, so streams are not limited at all: in "
-    "OpenAIServing._respond the `released()` closure's `finally: await slot.aclose()` reads "
-    "the variable `slot` after it was rebound to a fresh AsyncExitStack, and the original "
-    "stack (holding the admission context) is only released when garbage collected, at once",
-)
 def test_streams_hold_their_admission_slot(limited_server: ServerProcess) -> None:
     """While one stream runs and another waits for its slot, a third request gets 429."""
     body = {**GOOD, "max_tokens": 400, "ignore_eos": True, "stream": True}

@@ -362,13 +362,5 @@ def test_sigterm_drains_then_aborts_streams(sigterm_run: SigtermRun) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="convoy bug: after SIGTERM the process is killed by the signal (exit -15) instead "
-    "of exiting 0: _GracefulServer.handle_exit calls uvicorn's handle_exit, which records the "
-    "signal, and uvicorn's capture_signals() re-raises recorded signals with "
-    "signal.raise_signal once serve() returns; so the `finally: engine.shutdown()` in "
-    "server/run.py never runs either",
-)
 def test_sigterm_exits_zero(sigterm_run: SigtermRun) -> None:
     assert sigterm_run.returncode == 0

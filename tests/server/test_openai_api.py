@@ -143,14 +143,6 @@ def test_completion_logprobs_shapes(client: OpenAI) -> None:
         assert all(v <= 0.0 for v in top.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convoy bug: completions top_logprobs is a dict keyed by token text, built "
-    "most-likely-first with a dict comprehension (OpenAIServing._logprobs_block), so a less "
-    "likely token that decodes to the same text (e.g. two partial UTF-8 tokens, both U+FFFD) "
-    "overwrites the more likely one: top_logprobs[token] is then lower than token_logprobs "
-    "for a greedy token, and max(top_logprobs) can name a token that was not the argmax",
-)
 def test_completion_top_logprobs_keep_the_most_likely_of_equal_texts(client: OpenAI) -> None:
     resp = client.completions.create(
         model=SERVED_NAME,
@@ -174,21 +166,9 @@ def test_completion_top_logprobs_keep_the_most_likely_of_equal_texts(client: Ope
     [
         pytest.param(
             False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="convoy bug: streamed completions logprobs restart text_offset at 0 in "
-                "every chunk (_completion_chunks calls _logprobs_block with offset=0) instead "
-                "of giving each token's offset in the choice's whole text",
-            ),
         ),
         pytest.param(
             True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="convoy bug: a streamed completion with echo and logprobs sends the "
-                "echoed prompt text but no logprobs for the prompt tokens (no prompt_logprobs "
-                "in _completion_chunks), unlike the same request without stream",
-            ),
         ),
     ],
 )
@@ -346,13 +326,6 @@ def test_echo(client: OpenAI, llm: LLM) -> None:
     [
         pytest.param(
             "text",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="convoy bug: with echo and a string prompt the echoed text is the prompt "
-                "as sent (no '<s>') but text_offset counts the BOS token '<s>' that "
-                "logprobs.tokens starts with, so every offset is 3 characters past its token "
-                "in text (token-id prompts echo the decoded ids, '<s>' included, and are right)",
-            ),
         ),
         "token_ids",
     ],
