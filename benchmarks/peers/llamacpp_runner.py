@@ -15,11 +15,11 @@ the caller stops it, and this runner stops after exactly ``output_len`` tokens.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-import traceback
 from typing import Any
+
+from runner_io import run_main
 
 
 def _generate(llm: Any, prompt: list[int], output_len: int) -> int:
@@ -62,22 +62,5 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> int:
-    """``llamacpp_runner.py IN.json OUT.json``; errors are written to OUT.json too."""
-    if len(argv) != 2:
-        print("usage: llamacpp_runner.py IN.json OUT.json", file=sys.stderr)
-        return 2
-    with open(argv[0], encoding="utf-8") as f:
-        spec = json.load(f)
-    try:
-        result = run(spec)
-    except Exception as e:  # reported to the harness, which prints it in the table
-        traceback.print_exc()
-        result = {"error": f"{type(e).__name__}: {e}"}
-    with open(argv[1], "w", encoding="utf-8") as f:
-        json.dump(result, f)
-    return 0 if result.get("error") is None else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_main("llamacpp_runner.py", run, sys.argv[1:]))

@@ -24,6 +24,7 @@ from convoy.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    GenerationRequest,
     error_body,
     new_id,
     now,
@@ -31,6 +32,19 @@ from convoy.server.protocol import (
 
 # How often a non-streaming request checks that its client is still there.
 _DISCONNECT_POLL_S = 0.02
+
+
+def _sampling_params(
+    req: GenerationRequest,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """The request's SamplingParams; a bad value is a 400 naming its field."""
+    try:
+        return req.sampling_params(max_tokens, logprobs, prompt_logprobs)
+    except ValueError as e:
+        raise APIError(str(e), param=getattr(e, "param", None)) from e
 
 
 async def _releasing(
@@ -142,6 +156,27 @@ class OpenAIServing:
             return Response(status_code=499)
         return JSONResponse(build(job, outputs))
 
+    def _base(self, request_id: str, object_type: str) -> dict[str, Any]:
+        """The fields every response and chunk of one request shares."""
+        return {"id": request_id, "object": object_type, "created": now(), "model": self.model_name}
+
+    def _streamer(
+        self,
+        req: GenerationRequest,
+        base: dict[str, Any],
+        chunks: Callable[[_Job, int, RequestOutput, list[_Choice]], list[dict[str, Any]]],
+    ) -> Callable[[_Job], AsyncIterator[str]]:
+        """How to stream a job as SSE: ``chunks`` per output, then usage if asked for."""
+
+        def stream(job: _Job) -> AsyncIterator[str]:
+            return self._sse(
+                job,
+                lambda i, out, ch: chunks(job, i, out, ch),
+                (lambda u: {**base, "choices": [], "usage": u}) if req.include_usage else None,
+            )
+
+        return stream
+
     async def _outputs(self, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Outputs of all of a job's engine requests, interleaved as they come."""
         queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
@@ -236,30 +271,16 @@ class OpenAIServing:
         tok = self.engine.engine.tokenizer
         prompts = [list(tok.encode(p)) if isinstance(p, str) else p for p in prompt_texts]
         want = req.logprobs
-        try:
-            params = req.sampling_params(
-                req.max_tokens,
-                want,
-                prompt_logprobs=want if req.echo and want is not None else None,
-            )
-        except ValueError as e:
-            raise APIError(str(e), param=getattr(e, "param", None)) from e
+        params = _sampling_params(
+            req, req.max_tokens, want, want if req.echo and want is not None else None
+        )
         if req.echo and params.n > 1 and req.stream:
             raise APIError("echo with n > 1 is not supported when streaming", param="echo")
         request_id = new_id("cmpl")
-        base = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": now(),
-            "model": self.model_name,
-        }
-
-        def stream(job: _Job) -> AsyncIterator[str]:
-            return self._sse(
-                job,
-                lambda i, out, ch: self._completion_chunks(base, req, job, i, out, ch),
-                (lambda u: {**base, "choices": [], "usage": u}) if req.include_usage else None,
-            )
+        base = self._base(request_id, "text_completion")
+        stream = self._streamer(
+            req, base, lambda job, i, out, ch: self._completion_chunks(base, req, job, i, out, ch)
+        )
 
         def build(job: _Job, outputs: list[RequestOutput]) -> dict[str, Any]:
             choices = []
@@ -441,27 +462,15 @@ class OpenAIServing:
         except Exception as e:  # a template that fails on these messages is the client's error
             raise APIError(f"could not apply the chat template: {e}", param="messages") from e
         k = (req.top_logprobs or 0) if req.logprobs else None
-        try:
-            max_tokens = (
-                req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
-            )
-            params = req.sampling_params(max_tokens, k)
-        except ValueError as e:
-            raise APIError(str(e), param=getattr(e, "param", None)) from e
+        max_tokens = (
+            req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        )
+        params = _sampling_params(req, max_tokens, k)
         request_id = new_id("chatcmpl")
-        base = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": now(),
-            "model": self.model_name,
-        }
-
-        def stream(job: _Job) -> AsyncIterator[str]:
-            return self._sse(
-                job,
-                lambda i, out, ch: self._chat_chunks(base, req, out, ch),
-                (lambda u: {**base, "choices": [], "usage": u}) if req.include_usage else None,
-            )
+        base = self._base(request_id, "chat.completion.chunk")
+        stream = self._streamer(
+            req, base, lambda job, i, out, ch: self._chat_chunks(base, req, out, ch)
+        )
 
         def build(job: _Job, outputs: list[RequestOutput]) -> dict[str, Any]:
             (out,) = outputs
