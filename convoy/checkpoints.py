@@ -41,6 +41,7 @@ __all__ = [
     "cache_dir",
     "default_model_path",
     "python_corpus",
+    "python_corpus_files",
     "train_tokenizer",
     "write_random_checkpoint",
 ]
@@ -56,17 +57,13 @@ __all__ = [
 _CORPUS_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 
 
-def python_corpus(max_bytes: int) -> list[str]:
-    """Texts of the standard library's ``.py`` files, at most ``max_bytes`` UTF-8 bytes in all.
+def python_corpus_files() -> list[tuple[str, str]]:
+    """``(relative path, text)`` of every standard-library ``.py`` file, sorted by path.
 
-    Files are taken in sorted relative-path order, so the result depends only on the Python
-    install (and ``max_bytes``). ``site-packages`` and test directories are skipped, as are
-    files that cannot be read or are not valid UTF-8. The file that would overflow the budget
-    is cut at its last line break that fits, so the total is always ``<= max_bytes`` and even a
-    small budget gives some text.
+    The result depends only on the Python install. ``site-packages`` and test directories are
+    skipped, as are empty files and files that cannot be read or are not valid UTF-8. Paths are
+    POSIX strings relative to the stdlib root, so they can be recorded (e.g. a training split).
     """
-    if max_bytes <= 0:
-        return []
     root = Path(sysconfig.get_paths()["stdlib"])
     found: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -80,15 +77,29 @@ def python_corpus(max_bytes: int) -> list[str]:
     # Sort on the relative POSIX path string, so the order does not depend on the directory
     # listing order or the platform's path comparison rules.
     found.sort()
-    texts: list[str] = []
-    total = 0
-    for _, path in found:
+    files: list[tuple[str, str]] = []
+    for rel, path in found:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        if not text:
-            continue
+        if text:
+            files.append((rel, text))
+    return files
+
+
+def python_corpus(max_bytes: int) -> list[str]:
+    """Texts of the standard library's ``.py`` files, at most ``max_bytes`` UTF-8 bytes in all.
+
+    Files come from :func:`python_corpus_files`, in its order. The file that would overflow the
+    budget is cut at its last line break that fits, so the total is always ``<= max_bytes`` and
+    even a small budget gives some text.
+    """
+    if max_bytes <= 0:
+        return []
+    texts: list[str] = []
+    total = 0
+    for _, text in python_corpus_files():
         data = text.encode("utf-8")
         if total + len(data) > max_bytes:
             head = data[: max_bytes - total]

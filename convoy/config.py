@@ -51,6 +51,10 @@ class CacheConfig:
     kv_cache_memory_gb: float = field(
         default=2.0, metadata={"help": "Memory given to the KV cache, in GiB."}
     )
+    enable_prefix_caching: bool = field(
+        default=True,
+        metadata={"help": "Reuse the KV of prompt prefixes computed before (shared by hash)."},
+    )
 
 
 @dataclass

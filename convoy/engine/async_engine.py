@@ -43,6 +43,8 @@ class EngineStats:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 @dataclass
@@ -104,14 +106,20 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     async def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
     ) -> OutputStream:
         """Queue a request; iterate the returned stream for its outputs.
 
         Raises ``ValueError`` (and nothing is queued) if the engine refuses the request.
         """
         stream = _Stream(loop=asyncio.get_running_loop())
-        await asyncio.wrap_future(self._submit("add", (request_id, prompt, params, stream)))
+        await asyncio.wrap_future(
+            self._submit("add", (request_id, prompt, params, cache_salt, stream))
+        )
         return OutputStream(self, request_id, stream)
 
     def abort(self, request_id: str) -> None:
@@ -178,10 +186,10 @@ class AsyncEngine:
     def _apply(self, kind: str, payload: Any) -> Any:
         engine = self.engine
         if kind == "add":
-            request_id, prompt, params, stream = payload
+            request_id, prompt, params, cache_salt, stream = payload
             if self._stop:
                 raise EngineDeadError("the engine is shutting down")
-            engine.add_request(request_id, prompt, params)
+            engine.add_request(request_id, prompt, params, cache_salt=cache_salt)
             self._streams[request_id] = stream
             return None
         if kind == "abort":
@@ -221,4 +229,6 @@ class AsyncEngine:
             num_preemptions=sched.num_preemptions,
             num_prompt_tokens=engine.num_prompt_tokens_computed,
             num_generation_tokens=engine.num_generated_tokens,
+            prefix_cache_queries=engine.kv_cache.num_queried_tokens,
+            prefix_cache_hits=engine.kv_cache.num_hit_tokens,
         )

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from convoy.config import EngineConfig
 from convoy.engine.detokenizer import IncrementalDetokenizer
 from convoy.engine.kv_cache_manager import KVCacheManager
+from convoy.engine.prefix_cache import namespace_root
 from convoy.engine.request import FinishReason, Request, RequestMetrics
 from convoy.engine.scheduler import Scheduler, SchedulerOutput
 from convoy.model.arch import ModelArch
@@ -106,7 +107,9 @@ class LLMEngine:
                 num_blocks,
                 block_size,
             )
-        self.kv_cache = KVCacheManager(num_blocks, block_size)
+        self.kv_cache = KVCacheManager(
+            num_blocks, block_size, enable_prefix_caching=config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.runner = ModelRunner(
             config.model, config.cache, self.arch, str(model_path), self.max_model_len, num_blocks
@@ -114,6 +117,7 @@ class LLMEngine:
         self.parents: dict[str, _ParentRequest] = {}
         self._seq_of: dict[str, tuple[_ParentRequest, _Sequence]] = {}
         self._ids = itertools.count()
+        self._private_namespaces = itertools.count()
         self._decoded: dict[int, str] = {}
         # Tests (and the curious) set CONVOY_CHECK_INTEGRITY=1 to check the pool every step.
         self.check_every_step = os.environ.get("CONVOY_CHECK_INTEGRITY") == "1"
@@ -163,8 +167,16 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
     ) -> None:
-        """Queue a request; raises ``ValueError`` (and changes nothing) if it cannot be served."""
+        """Queue a request; raises ``ValueError`` (and changes nothing) if it cannot be served.
+
+        A text prompt is tokenized here unless its ``prompt_token_ids`` are given too.
+
+        ``cache_salt`` puts the request's KV blocks in a namespace of their own: only requests
+        with the same salt share cached prefixes with it (e.g. one tenant's requests).
+        """
         params = params or SamplingParams()
         child_ids = (
             [request_id] if params.n == 1 else [f"{i}_{request_id}" for i in range(params.n)]
@@ -174,7 +186,10 @@ class LLMEngine:
             if rid in self.parents or rid in self._seq_of:
                 raise ValueError(f"request id {rid!r} is already in use")
         prompt_text = prompt if isinstance(prompt, str) else None
-        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if prompt_token_ids is not None:
+            prompt_ids = list(prompt_token_ids)
+        else:
+            prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         max_tokens = self._check_lengths(prompt_ids, params)
 
         metrics = RequestMetrics()
@@ -189,9 +204,21 @@ class LLMEngine:
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
             metrics=metrics,
         )
+        if self.config.cache.enable_prefix_caching:
+            cache_root = namespace_root(cache_salt)
+        else:
+            # A namespace of its own: the samples of this request share its prompt, nobody
+            # else does.
+            cache_root = namespace_root(cache_salt, f"private-{next(self._private_namespaces)}")
         for i, child_id in enumerate(child_ids):
-            # Each sample gets its own seed, so the n samples differ but stay reproducible.
-            child_params = params if params.seed is None else params.clone(seed=params.seed + i)
+            child_params = params
+            if params.seed is not None:
+                # Each sample gets its own seed, so the n samples differ but stay reproducible.
+                child_params = child_params.clone(seed=params.seed + i)
+            if i > 0 and params.prompt_logprobs is not None:
+                # The prompt's logprobs come from the first sample; the others may then start
+                # from its cached prompt instead of computing every position again.
+                child_params = child_params.clone(prompt_logprobs=None)
             request = Request(
                 child_id,
                 prompt_ids,
@@ -199,6 +226,9 @@ class LLMEngine:
                 self.eos_token_ids,
                 max_tokens,
                 arrival_time=metrics.arrival_time,
+                cache_root=cache_root,
+                # Prompt logprobs need every prompt position computed, none skipped.
+                lookup_prefix_cache=child_params.prompt_logprobs is None,
             )
             detok = IncrementalDetokenizer(
                 self.tokenizer,
@@ -305,6 +335,8 @@ class LLMEngine:
         return outputs
 
     def _fail_step(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        # Blocks named when the step was scheduled were never (fully) written.
+        self.kv_cache.reset_prefix_cache()
         parents = {self._seq_of[s.request.request_id][0].request_id for s in sched.scheduled}
         return self.end_requests(parents, FinishReason.ERROR)
 
@@ -427,6 +459,8 @@ class LLMEngine:
             outputs=outputs,
             finished=parent.finished,
             metrics=parent.metrics,
+            # As in vLLM: what the first sample found cached when it was first scheduled.
+            num_cached_tokens=parent.sequences[0].request.num_cached_tokens or 0,
         )
 
     # -- health ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from convoy.engine.prefix_cache import namespace_root
 from convoy.sampling_params import SamplingParams
 
 
@@ -52,6 +53,8 @@ class Request:
         eos_token_ids: frozenset[int],
         max_tokens: int,
         arrival_time: float | None = None,
+        cache_root: bytes | None = None,
+        lookup_prefix_cache: bool = True,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -64,6 +67,14 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # Prefix cache: the root of this request's block-hash chain (its namespace), the names of
+        # its full blocks so far (filled in by the KV cache manager), whether it may reuse
+        # cached blocks (not when every prompt position must be computed, for prompt
+        # logprobs), and how many prompt tokens it found cached when first scheduled.
+        self.cache_root = cache_root if cache_root is not None else namespace_root()
+        self.block_hashes: list[bytes] = []
+        self.lookup_prefix_cache = lookup_prefix_cache
+        self.num_cached_tokens: int | None = None
         self.metrics = RequestMetrics()
         if arrival_time is not None:
             self.metrics.arrival_time = arrival_time

@@ -137,26 +137,69 @@ class Scheduler:
             break  # the request preempted itself: no younger one is left to run
 
         # After a preemption the pool is full; admitting more would only thrash.
-        while (
-            not out.preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
-        ):
-            request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv_cache.allocate_slots(request, num_new):
-                break
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.scheduled.append(self._scheduled(request, num_new))
-            budget -= num_new
+        if not out.preempted:
+            budget = self._admit_waiting(out, budget)
 
         # Advance now, not after the forward pass: the tokens are committed to this step.
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_tokens
         return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        """Admit waiting requests (FCFS) while budget, blocks and ``max_num_seqs`` allow.
+
+        A request starts from the blocks the prefix cache already holds. One whose next
+        uncached block a running request is about to compute (the same prefix, still in
+        prefill: e.g. the other samples of an ``n > 1`` request, or a group of prompts with a
+        common system prompt) waits for it rather than computing it a second time; requests
+        behind it may go first.
+        """
+        in_flight = self._prefix_blocks_in_flight(out)
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[i]
+            cached = self.kv_cache.find_cached_prefix(request)
+            if in_flight and self._next_block_in_flight(request, len(cached), in_flight):
+                i += 1
+                continue
+            num_cached = len(cached) * self.kv_cache.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, cached):
+                break
+            del self.waiting[i]
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            self._add_in_flight(request, num_cached + num_new, in_flight)
+        return budget
+
+    def _prefix_blocks_in_flight(self, out: SchedulerOutput) -> set[bytes]:
+        """Names of prompt blocks that running requests will compute in later steps."""
+        in_flight: set[bytes] = set()
+        for s in out.scheduled:
+            self._add_in_flight(s.request, s.start + s.num_tokens, in_flight)
+        return in_flight
+
+    def _add_in_flight(self, request: Request, computed: int, in_flight: set[bytes]) -> None:
+        bs = self.kv_cache.block_size
+        full_prompt_blocks = request.num_prompt_tokens // bs
+        if computed // bs < full_prompt_blocks and request.lookup_prefix_cache:
+            hashes = self.kv_cache.block_hashes(request, full_prompt_blocks)
+            in_flight.update(hashes[computed // bs :])
+
+    def _next_block_in_flight(
+        self, request: Request, num_cached: int, in_flight: set[bytes]
+    ) -> bool:
+        if not request.lookup_prefix_cache:
+            return False
+        usable = (request.num_tokens - 1) // self.kv_cache.block_size
+        if num_cached >= usable:
+            return False
+        return self.kv_cache.block_hashes(request, num_cached + 1)[num_cached] in in_flight
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(

@@ -82,14 +82,19 @@ class LLM:
     ) -> list[RequestOutput]:
         engine = self.engine
         ids = [engine.new_request_id() for _ in prompts]
+        token_ids = [engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+        if engine.config.cache.enable_prefix_caching:
+            order = reuse_order(token_ids, engine.kv_cache.block_size)
+        else:
+            order = list(range(len(prompts)))
         added: list[str] = []
         try:
-            for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params, strict=True)):
+            for i in order:
                 try:
-                    engine.add_request(rid, prompt, p)
+                    engine.add_request(ids[i], prompts[i], params[i], prompt_token_ids=token_ids[i])
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from e
-                added.append(rid)
+                added.append(ids[i])
         except BaseException:
             engine.abort_request(added)
             raise
@@ -119,6 +124,26 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[rid] for rid in ids]
+
+
+def reuse_order(prompts: Sequence[Sequence[int]], block_size: int) -> list[int]:
+    """The order to run ``prompts`` in so that shared prefixes are computed once (BatchLLM).
+
+    Prompts whose first KV block is the same form a group, placed where its first member was;
+    within a group, prompts are sorted by their tokens, so those sharing the longest prefixes
+    are neighbours. The scheduler admits in this order, so a group runs together: its shared
+    blocks are computed by the first member and reused by the rest while they are still
+    cached, instead of being evicted by unrelated prompts in between. Prompts that share no
+    full block with any other keep their input order.
+    """
+    groups: dict[tuple[int, ...] | int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        key: tuple[int, ...] | int = tuple(p[:block_size]) if len(p) > block_size else i
+        groups.setdefault(key, []).append(i)
+    order: list[int] = []
+    for members in groups.values():
+        order.extend(sorted(members, key=lambda i: (tuple(prompts[i]), i)))
+    return order
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -50,6 +50,16 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "convoy:generation_tokens", "Tokens generated.", value=s.num_generation_tokens
         )
+        yield CounterMetricFamily(
+            "convoy:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            value=s.prefix_cache_queries,
+        )
+        yield CounterMetricFamily(
+            "convoy:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not computed).",
+            value=s.prefix_cache_hits,
+        )
 
 
 class ServerMetrics:

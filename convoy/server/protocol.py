@@ -70,6 +70,8 @@ class GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Requests share cached prompt prefixes only with requests carrying the same salt.
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     def sampling_params(
         self,

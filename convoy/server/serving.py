@@ -109,13 +109,20 @@ class OpenAIServing:
             )
 
     async def _start(
-        self, prompts: list[list[int]], params: SamplingParams, request_id: str, param: str
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_id: str,
+        param: str,
+        cache_salt: str | None = None,
     ) -> _Job:
         job = _Job(streams=[], prompts=prompts, n=params.n)
         try:
             for i, prompt in enumerate(prompts):
                 job.streams.append(
-                    await self.engine.add_request(f"{request_id}-{i}", prompt, params)
+                    await self.engine.add_request(
+                        f"{request_id}-{i}", prompt, params, cache_salt=cache_salt
+                    )
                 )
         except ValueError as e:
             job.abort()
@@ -135,13 +142,14 @@ class OpenAIServing:
         stream: Callable[[_Job], AsyncIterator[str]] | None,
         build: Callable[[_Job, list[RequestOutput]], dict[str, Any]],
         prompt_texts: list[str | None] | None = None,
+        cache_salt: str | None = None,
     ) -> Response:
         """Admit, start the job, then stream it (holding the admission slot to the end) or
         collect it and build the JSON body."""
         slot = contextlib.AsyncExitStack()
         await slot.enter_async_context(self.admission())
         try:
-            job = await self._start(prompts, params, request_id, param)
+            job = await self._start(prompts, params, request_id, param, cache_salt)
             job.prompt_texts = prompt_texts or []
             if stream is not None:
                 response = StreamingResponse(
@@ -231,22 +239,22 @@ class OpenAIServing:
         collect.result()
         return [out for out in job.latest if out is not None]
 
-    def _usage(self, job: _Job) -> dict[str, int]:
+    def _usage(self, job: _Job) -> dict[str, Any]:
         prompt = sum(len(p) for p in job.prompts)
-        completion = sum(
-            len(c.token_ids) for out in job.latest if out is not None for c in out.outputs
-        )
+        outs = [out for out in job.latest if out is not None]
+        completion = sum(len(c.token_ids) for out in outs for c in out.outputs)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)},
         }
 
     async def _sse(
         self,
         job: _Job,
         chunks: Callable[[int, RequestOutput, list[_Choice]], list[dict[str, Any]]],
-        usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None,
+        usage_chunk: Callable[[dict[str, Any]], dict[str, Any]] | None,
     ) -> AsyncIterator[str]:
         choices = [_Choice() for _ in range(len(job.prompts) * job.n)]
         try:
@@ -314,6 +322,7 @@ class OpenAIServing:
             stream if req.stream else None,
             build,
             prompt_texts=texts,
+            cache_salt=req.cache_salt,
         )
 
     @staticmethod
@@ -490,7 +499,14 @@ class OpenAIServing:
             return {**base, "object": "chat.completion", "choices": choices, "usage": usage}
 
         return await self._respond(
-            [prompt], params, request_id, "messages", raw, stream if req.stream else None, build
+            [prompt],
+            params,
+            request_id,
+            "messages",
+            raw,
+            stream if req.stream else None,
+            build,
+            cache_salt=req.cache_salt,
         )
 
     def _chat_chunks(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from convoy.config import SchedulerConfig
@@ -14,10 +16,19 @@ from convoy.sampling_params import SamplingParams
 EOS = 2
 
 
-def make_request(rid: str, prompt_len: int, max_tokens: int = 8) -> Request:
+_prompt_starts = itertools.count(10, 1000)
+
+
+def make_request(
+    rid: str, prompt_len: int, max_tokens: int = 8, prompt: list[int] | None = None
+) -> Request:
+    """A request whose prompt shares no tokens with any other's (unless ``prompt`` is given)."""
+    if prompt is None:
+        start = next(_prompt_starts)
+        prompt = list(range(start, start + prompt_len))
     return Request(
         rid,
-        list(range(10, 10 + prompt_len)),
+        prompt,
         SamplingParams(max_tokens=max_tokens),
         eos_token_ids=frozenset({EOS}),
         max_tokens=max_tokens,
@@ -25,11 +36,15 @@ def make_request(rid: str, prompt_len: int, max_tokens: int = 8) -> Request:
 
 
 def make_scheduler(
-    num_blocks: int, block_size: int = 4, budget: int = 64, seqs: int = 8
+    num_blocks: int,
+    block_size: int = 4,
+    budget: int = 64,
+    seqs: int = 8,
+    prefix_caching: bool = True,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=budget),
-        KVCacheManager(num_blocks, block_size),
+        KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching),
     )
 
 
@@ -128,8 +143,9 @@ def test_max_num_seqs_limits_admission() -> None:
     assert [r.request_id for r in sched.waiting] == ["c"]
 
 
-def test_preemption_order_and_recovery() -> None:
-    sched = make_scheduler(num_blocks=3, block_size=4, budget=64)
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_preemption_order_and_recovery(prefix_caching: bool) -> None:
+    sched = make_scheduler(num_blocks=3, block_size=4, budget=64, prefix_caching=prefix_caching)
     a, b = make_request("a", 4, 20), make_request("b", 4, 20)
     sched.add_request(a)
     sched.add_request(b)
@@ -152,8 +168,14 @@ def test_preemption_order_and_recovery() -> None:
     sched.finish_requests(["a"], FinishReason.ABORT)
     assert a.finish_reason is FinishReason.ABORT
     out = sched.schedule()
-    # b recomputes prompt + its one output token, in a's freed blocks (2 then 0).
-    assert plan(out) == [("b", 0, 5)]
+    # The free queue is now 1 (b's), 2, 0 (a's, tail first). With prefix caching b finds its
+    # full prompt block 1 still cached and computes only its output token, in block 2;
+    # without, it recomputes prompt + output token in blocks 1 and 2.
+    if prefix_caching:
+        assert plan(out) == [("b", 4, 1)]
+        assert b.num_cached_tokens == 0  # what it found when *first* scheduled
+    else:
+        assert plan(out) == [("b", 0, 5)]
     assert sched.kv_cache.get_block_table("b") == [1, 2]
     assert out.finished_request_ids == ["a"]
     sample_all(sched, out)
