@@ -227,7 +227,7 @@ class AsyncEngine:
             num_waiting=len(sched.waiting),
             kv_cache_usage=engine.kv_cache.usage,
             num_preemptions=sched.num_preemptions,
-            num_prompt_tokens=engine.num_prompt_tokens_computed,
+            num_prompt_tokens=engine.num_prompt_tokens,
             num_generation_tokens=engine.num_generated_tokens,
             prefix_cache_queries=engine.kv_cache.num_queried_tokens,
             prefix_cache_hits=engine.kv_cache.num_hit_tokens,

@@ -122,7 +122,10 @@ class LLMEngine:
         # Tests (and the curious) set CONVOY_CHECK_INTEGRITY=1 to check the pool every step.
         self.check_every_step = os.environ.get("CONVOY_CHECK_INTEGRITY") == "1"
         self.num_steps = 0
+        # Prompt tokens run through the model, and prompt tokens of every request that started
+        # (computed or found in the prefix cache; what vLLM's prompt_tokens metric counts).
         self.num_prompt_tokens_computed = 0
+        self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
 
     def _eos_token_ids(self, model_path: Path) -> frozenset[int]:
@@ -314,6 +317,7 @@ class LLMEngine:
             parent, _ = self._seq_of[s.request.request_id]
             if parent.metrics.first_scheduled_time is None:
                 parent.metrics.first_scheduled_time = now
+                self.num_prompt_tokens += len(parent.prompt_token_ids)
         try:
             model_out = self.runner.execute(sched)
         except Exception:

@@ -148,25 +148,20 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         """Admit waiting requests (FCFS) while budget, blocks and ``max_num_seqs`` allow.
 
-        A request starts from the blocks the prefix cache already holds. One whose next
-        uncached block a running request is about to compute (the same prefix, still in
-        prefill: e.g. the other samples of an ``n > 1`` request, or a group of prompts with a
-        common system prompt) waits for it rather than computing it a second time; requests
-        behind it may go first.
+        A request starts from the blocks the prefix cache already holds. Blocks are named as
+        soon as a step is scheduled to fill them, and a prompt still being chunked takes all
+        of the budget left, so a request is only admitted once every earlier request's prompt
+        is fully scheduled: it never computes a block that an earlier one is about to compute
+        (e.g. the samples of an ``n > 1`` request, or prompts with a common system prompt).
         """
-        in_flight = self._prefix_blocks_in_flight(out)
-        i = 0
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[i]
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
             cached = self.kv_cache.find_cached_prefix(request)
-            if in_flight and self._next_block_in_flight(request, len(cached), in_flight):
-                i += 1
-                continue
             num_cached = len(cached) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv_cache.allocate_slots(request, num_new, cached):
                 break
-            del self.waiting[i]
+            self.waiting.popleft()
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_cached
@@ -174,32 +169,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
-            self._add_in_flight(request, num_cached + num_new, in_flight)
         return budget
-
-    def _prefix_blocks_in_flight(self, out: SchedulerOutput) -> set[bytes]:
-        """Names of prompt blocks that running requests will compute in later steps."""
-        in_flight: set[bytes] = set()
-        for s in out.scheduled:
-            self._add_in_flight(s.request, s.start + s.num_tokens, in_flight)
-        return in_flight
-
-    def _add_in_flight(self, request: Request, computed: int, in_flight: set[bytes]) -> None:
-        bs = self.kv_cache.block_size
-        full_prompt_blocks = request.num_prompt_tokens // bs
-        if computed // bs < full_prompt_blocks and request.lookup_prefix_cache:
-            hashes = self.kv_cache.block_hashes(request, full_prompt_blocks)
-            in_flight.update(hashes[computed // bs :])
-
-    def _next_block_in_flight(
-        self, request: Request, num_cached: int, in_flight: set[bytes]
-    ) -> bool:
-        if not request.lookup_prefix_cache:
-            return False
-        usable = (request.num_tokens - 1) // self.kv_cache.block_size
-        if num_cached >= usable:
-            return False
-        return self.kv_cache.block_hashes(request, num_cached + 1)[num_cached] in in_flight
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(

@@ -45,7 +45,9 @@ class _EngineCollector(Collector):
             value=s.num_preemptions,
         )
         yield CounterMetricFamily(
-            "convoy:prompt_tokens", "Prompt tokens computed.", value=s.num_prompt_tokens
+            "convoy:prompt_tokens",
+            "Prompt tokens of started requests (computed or from the prefix cache).",
+            value=s.num_prompt_tokens,
         )
         yield CounterMetricFamily(
             "convoy:generation_tokens", "Tokens generated.", value=s.num_generation_tokens

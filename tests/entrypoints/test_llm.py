@@ -17,6 +17,7 @@ import pytest
 from convoy import LLM, RequestOutput, SamplingParams
 from convoy.cli import main as cli_main
 from convoy.config import CONFIG_CLASSES
+from convoy.entrypoints.llm import reuse_order
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +113,38 @@ def test_results_come_back_in_input_order(llm: LLM, monkeypatch: pytest.MonkeyPa
     assert sorted(map(tuple, finish_order)) == sorted(map(tuple, prompts))
     assert [o.prompt_token_ids for o in outs] == prompts
     assert [len(o.outputs[0].token_ids) for o in outs] == max_tokens
+
+
+def test_reuse_order_groups_prompts_by_shared_prefix() -> None:
+    a1, a2, a3 = [1, 1, 1, 9, 1], [1, 1, 1, 2, 5], [1, 1, 1, 2, 4]
+    b1, b2 = [7, 7, 7, 7, 1], [7, 7, 7, 7, 0]
+    lone, short = [3, 3, 3, 3, 3], [1, 1, 1]
+    prompts = [b1, a1, lone, short, a2, b2, a3]
+    # Groups by first block (3 tokens) in order of first appearance: b, a, lone, short; within
+    # a group, sorted by tokens so the longest shared prefixes are neighbours.
+    order = reuse_order(prompts, block_size=3)
+    assert [prompts[i] for i in order] == [b2, b1, a3, a2, a1, lone, short]
+    assert reuse_order([[1, 2], [3, 4], [5]], block_size=4) == [0, 1, 2]  # nothing shared
+
+
+def test_shared_prefix_batches_reuse_blocks_and_keep_input_order(model_path: str) -> None:
+    llm = LLM(model=model_path, num_kv_blocks=256, block_size=16)
+    tok = llm.get_tokenizer()
+    system = tok.encode("You are a careful Python reviewer. " * 6)  # several blocks
+    others = [tok.encode(f"unrelated prompt number {i} " * 4) for i in range(3)]
+    prompts = []
+    for i in range(6):  # interleave the shared-prefix prompts with unrelated ones
+        prompts.append([*system, *tok.encode(f"review file_{i}.py", add_special_tokens=False)])
+        if i < 3:
+            prompts.append(others[i])
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == prompts
+    alone = [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in prompts]
+    assert tokens(outs) == tokens(alone)
+    shared_blocks = (len(system) // 16) * 16
+    # The first prompt of the group computes the shared blocks; the other five reuse them.
+    cached = sorted(o.num_cached_tokens for o in outs if o.prompt_token_ids[:50] == system[:50])
+    assert cached[0] == 0 and all(c >= shared_blocks for c in cached[1:])
 
 
 # -- chat ------------------------------------------------------------------------------------

@@ -665,3 +665,39 @@ def test_metrics_count_a_request(server: ServerProcess, client: OpenAI, llm: LLM
     ):
         assert delta(f"convoy:{histogram}_count") == 1, histogram
     assert delta("convoy:inter_token_latency_seconds_count") == max_tokens - 1
+
+
+def test_prefix_cache_reports_cached_tokens_per_salt(
+    server: ServerProcess, client: OpenAI, llm: LLM
+) -> None:
+    # A prompt no other test sends, several blocks of 16 long.
+    prompt = "def prefix_cache_probe(alpha, beta, gamma):\n" + "    total = alpha + beta\n" * 8
+    n = len(encode(llm, prompt))
+    before = wait_idle(server)
+
+    def complete(**extra: Any) -> Any:
+        return client.completions.create(
+            model=SERVED_NAME, prompt=prompt, max_tokens=3, temperature=0, extra_body=extra
+        )
+
+    first, second, salted = complete(), complete(), complete(cache_salt="tenant-b")
+    cached = [
+        r.usage.prompt_tokens_details.cached_tokens
+        if r.usage and r.usage.prompt_tokens_details
+        else None
+        for r in (first, second, salted)
+    ]
+    # The repeat reuses every full block but the one holding the last token; another salt
+    # shares nothing.
+    assert cached == [0, (n - 1) // 16 * 16, 0]
+    assert first.choices[0].text == second.choices[0].text == salted.choices[0].text
+    after = wait_idle(server)
+    assert (
+        after["convoy:prefix_cache_queries_total"]
+        - before.get("convoy:prefix_cache_queries_total", 0)
+        == 3 * n
+    )
+    assert (
+        after["convoy:prefix_cache_hits_total"] - before.get("convoy:prefix_cache_hits_total", 0)
+        == cached[1]
+    )
