@@ -68,12 +68,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from convoy.bench import roofline  # noqa: E402
-from convoy.bench.workloads import BenchRequest, random_workload  # noqa: E402
+from convoy.bench.workloads import (  # noqa: E402
+    BenchRequest,
+    random_workload,
+    shared_prefix_workload,
+)
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 TOKENIZER_VOCAB = 32000
 TOKENIZER_CORPUS_BYTES = 8_000_000
 UNLIMITED_TOKENS = 10**9
+SHARED_PREFIX = "shared-prefix"
 DEFAULT_LLAMACPP_PYTHON = "/work/peer-llamacpp/bin/python"
 LLAMACPP_BUILD_LOG = Path("/tmp/llamacpp-build.log")
 GGUF_DTYPE_BYTES = {"f32": 4, "f16": 2, "q8_0": 1}
@@ -251,10 +256,15 @@ RunFn = Callable[[Sequence[BenchRequest]], tuple[float, list[int]]]
 class ConvoyEngine:
     """convoy's offline API, float32."""
 
-    def __init__(self, model_dir: Path, max_num_seqs: int) -> None:
+    def __init__(self, model_dir: Path, max_num_seqs: int, prefix_caching: bool = True) -> None:
         from convoy import LLM
 
-        self.llm = LLM(model=str(model_dir), dtype="float32", max_num_seqs=max_num_seqs)
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype="float32",
+            max_num_seqs=max_num_seqs,
+            enable_prefix_caching=prefix_caching,
+        )
         sched = self.llm.engine.config.scheduler
         self.max_num_seqs = sched.max_num_seqs
         self.max_num_batched_tokens = sched.max_num_batched_tokens
@@ -541,6 +551,14 @@ def build_jobs(
                 cfg = f"f32, max_num_seqs={conv.max_num_seqs}"
                 b = bound(reqs, 4, conv.max_num_seqs, conv.max_num_batched_tokens)
                 jobs.append(Job(Cell(wname, "convoy", cfg, conc, bound_s=b), reqs, conv.run))
+            if SHARED_PREFIX in workloads:
+                # The same engine with its prefix cache off: what caching buys on this workload.
+                conc, reqs = workloads[SHARED_PREFIX]
+                off = ConvoyEngine(model_dir, conv.max_num_seqs, prefix_caching=False)
+                cfg = f"f32, max_num_seqs={off.max_num_seqs}, enable_prefix_caching=False"
+                b = bound(reqs, 4, off.max_num_seqs, off.max_num_batched_tokens)
+                cell = Cell(SHARED_PREFIX, "convoy, no prefix cache", cfg, conc, bound_s=b)
+                jobs.append(Job(cell, reqs, off.run))
         except Exception as e:
             traceback.print_exc()
             add_failed("convoy", "f32", f"failed to load: {type(e).__name__}: {e}")
@@ -776,13 +794,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--engines", type=_csv(str), default=list(ALL_ENGINES), help=",".join(ALL_ENGINES)
     )
-    p.add_argument("--workloads", type=_csv(str), default=["random", "sweep"], help="random,sweep")
+    p.add_argument(
+        "--workloads",
+        type=_csv(str),
+        default=["random", "sweep"],
+        help=f"random,sweep,{SHARED_PREFIX}",
+    )
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len-min", type=int, default=64)
     p.add_argument("--input-len-max", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=_csv(int), default=[1, 4, 16, 64])
+    p.add_argument("--prefix-len", type=int, default=1024, help=f"{SHARED_PREFIX}: shared tokens")
+    p.add_argument("--suffix-len", type=int, default=64, help=f"{SHARED_PREFIX}: own tokens")
+    p.add_argument(
+        "--prefix-output-len", type=int, default=64, help=f"{SHARED_PREFIX}: output tokens"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median shown)")
     p.add_argument("--hf-batch-sizes", type=_csv(int), default=[16, 64])
     p.add_argument("--convoy-max-num-seqs", type=int, default=128)
@@ -800,8 +828,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.input_len_min, args.input_len_max = 16, 48
         args.concurrency, args.hf_batch_sizes = [1, 4], [4, 8]
         args.roofline_size_mb = 128
+        args.prefix_len, args.suffix_len, args.prefix_output_len = 64, 8, 8
     unknown = set(args.engines) - set(ALL_ENGINES)
-    if unknown or set(args.workloads) - {"random", "sweep"}:
+    if unknown or set(args.workloads) - {"random", "sweep", SHARED_PREFIX}:
         p.error(f"unknown engines/workloads: {sorted(unknown) or args.workloads}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -873,6 +902,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for c in args.concurrency:
             workloads[f"c={c}"] = (c, pool[:c])
 
+    if SHARED_PREFIX in args.workloads:
+        workloads[SHARED_PREFIX] = (
+            None,
+            shared_prefix_workload(
+                1,
+                args.prefix_len,
+                args.suffix_len,
+                args.num_prompts,
+                args.prefix_output_len,
+                vocab,
+                args.seed,
+                avoid,
+            ),
+        )
+
     jobs = build_jobs(args, model_dir, workloads, shape, peaks)
     t0 = time.perf_counter()
     run_jobs(jobs, args.repeats)
@@ -888,7 +932,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(llama.cpp: per its config column)",
         f"- workload `random`: {args.num_prompts} prompts of {args.input_len_min}-"
         f"{args.input_len_max} random token ids, {args.output_len} output tokens each (EOS "
-        f"ignored), seed {args.seed}; `c=N`: the first N of those, all at once",
+        f"ignored), seed {args.seed}; `c=N`: the first N of those, all at once; "
+        f"`{SHARED_PREFIX}`: {args.num_prompts} prompts of one shared {args.prefix_len}-token "
+        f"prefix + {args.suffix_len} own tokens, {args.prefix_output_len} output tokens each",
         f"- median of {args.repeats} interleaved runs; `*` marks an engine's best config per "
         "workload; convoy/peer > 1 means convoy is faster",
         "",
