@@ -1,8 +1,10 @@
-"""Deterministic local tokenizers and random-weight checkpoints.
+"""Deterministic local tokenizers, random-weight checkpoints, and the built-in models.
 
 convoy has to work with no network: tests need tiny checkpoints of every supported
 architecture, benchmarks need realistically sized ones, and ``convoy generate`` needs a model
-on a fresh machine. Everything here is built locally from two deterministic ingredients:
+on a fresh machine (the trained ``convoy-tiny`` family shipped in ``convoy/assets``, see
+``scripts/train_convoy_tiny.py``). Everything else is built locally from two deterministic
+ingredients:
 
 * a byte-level BPE tokenizer trained on the Python standard library's own sources (every
   Python install carries them, so no data has to be downloaded), and
@@ -15,10 +17,8 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 import sysconfig
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
+    "ASSETS_DIR",
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
     "DEFAULT_MODEL_NAME",
+    "DRAFT_MODEL_NAME",
     "EOS_TOKEN",
     "IM_END_TOKEN",
     "IM_START_TOKEN",
@@ -38,8 +40,8 @@ __all__ = [
     "LLAMA_200M",
     "PAD_TOKEN",
     "SUPPORTED_ARCHITECTURES",
-    "cache_dir",
     "default_model_path",
+    "draft_model_path",
     "python_corpus",
     "python_corpus_files",
     "train_tokenizer",
@@ -360,79 +362,29 @@ def _reinit_parameters(model: torch.nn.Module, *, init_std: float, seed: int) ->
 # Built-in default model
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL_NAME = "convoy-tiny-random"
-# Cache subfolder of the current default model. Bump the version whenever what
-# _build_default_model produces changes, so stale caches are never reused.
-_DEFAULT_MODEL_DIRNAME = "default-model-v1"
-_DEFAULT_TOKENIZER_CORPUS_BYTES = 8_000_000
-_DEFAULT_VOCAB_SIZE = 8192
-
-
-def _build_default_model(out_dir: Path) -> None:
-    """Create the default model's files in ``out_dir`` (an empty directory).
-
-    Random weights for now: it exercises the whole engine offline but writes gibberish. To
-    ship a trained model instead, change this function (and ``_DEFAULT_MODEL_DIRNAME``).
-    """
-    tokenizer = train_tokenizer(
-        python_corpus(_DEFAULT_TOKENIZER_CORPUS_BYTES), vocab_size=_DEFAULT_VOCAB_SIZE
-    )
-    write_random_checkpoint(
-        out_dir,
-        "LlamaForCausalLM",
-        vocab_size=_DEFAULT_VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=768,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=4,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        seed=0,
-        tokenizer=tokenizer,
-    )
-
-
-def cache_dir() -> Path:
-    """convoy's cache directory: ``$CONVOY_CACHE_DIR``, else ``~/.cache/convoy``."""
-    env = os.environ.get("CONVOY_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "convoy"
+# The convoy-tiny family: small Llama checkpoints trained on the Python standard library by
+# scripts/train_convoy_tiny.py and shipped inside the package, so every command has a model
+# that makes sense offline. The draft shares the target's tokenizer (speculative decoding).
+DEFAULT_MODEL_NAME = "convoy-tiny"
+DRAFT_MODEL_NAME = "convoy-tiny-draft"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 
 def default_model_path() -> Path:
-    """Path of the built-in default model (:data:`DEFAULT_MODEL_NAME`), creating it if needed.
-
-    The first call builds it under :func:`cache_dir` (a few seconds, no network); later calls
-    return the cached directory.
-    """
-    return _cached_build(cache_dir() / _DEFAULT_MODEL_DIRNAME, _build_default_model)
+    """Path of the built-in default model, :data:`DEFAULT_MODEL_NAME`."""
+    return _shipped(DEFAULT_MODEL_NAME)
 
 
-def _cached_build(target: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``target``, first creating it with ``build`` if it does not exist.
+def draft_model_path() -> Path:
+    """Path of the default model's draft, :data:`DRAFT_MODEL_NAME` (same tokenizer)."""
+    return _shipped(DRAFT_MODEL_NAME)
 
-    Safe when several processes race: each builds in its own temporary directory next to the
-    target (same filesystem, so the rename is atomic) and renames it into place. ``target``
-    therefore only ever appears complete; a process whose rename loses the race (the target
-    now exists) discards its copy and uses the winner's, which is identical.
-    """
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(tmp)
-        # mkdtemp makes the directory private (0700); the cache entry should be readable like
-        # any other directory.
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # POSIX refuses to rename onto a non-empty directory (Windows onto any existing
-            # path); anything else is a real error.
-            if not target.is_dir():
-                raise
-    finally:
-        # After a successful rename tmp no longer exists; otherwise it is ours to remove.
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+def _shipped(name: str) -> Path:
+    path = ASSETS_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the built-in model {name!r} is missing from {path}; reinstall convoy, or train it "
+            f"with: python scripts/train_convoy_tiny.py --out {ASSETS_DIR}"
+        )
+    return path

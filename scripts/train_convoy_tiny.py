@@ -247,6 +247,97 @@ def save(
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(str(out_dir))
     (out_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / "README.md").write_text(model_card(record))
+
+
+def model_card(record: dict[str, Any]) -> str:
+    """The checkpoint's README.md, filled in from its ``training.json`` record."""
+    name = record["name"]
+    shape = record["shape"]
+    train = record["train"]
+    corpus = record["corpus"]
+    env = record["environment"]
+    is_draft = name.endswith("-draft")
+    losses = "\n".join(
+        f"| {h['step']} | {h['train_loss']:.3f} | {h['val_loss']:.3f} |" for h in record["history"]
+    )
+    agreement = record.get("greedy_agreement_with_target", record.get("draft_greedy_agreement"))
+    role = (
+        "the draft of `convoy-tiny` for speculative decoding (same tokenizer, about "
+        f"{record['parameters'] / 1e6:.1f}M parameters)"
+        if is_draft
+        else "convoy's built-in default model"
+    )
+    return f"""---
+license: psf-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [convoy, llama, python, tiny]
+---
+
+# {name}
+
+A tiny Llama-architecture language model trained on the Python standard library's own source
+code: {role}. It ships inside convoy so that `convoy generate`, `convoy serve` and
+`convoy bench` have a model that works offline and says something meaningful, and so that
+speculative decoding, quantization and prefix caching can be tested on predictions that mean
+something (random weights give near-uniform distributions).
+
+## Model
+
+| | |
+|---|---|
+| architecture | `LlamaForCausalLM` (standard Hugging Face layout, loads with `AutoModelForCausalLM`) |
+| parameters | {record["parameters"]:,} (tied input/output embeddings) |
+| layers / hidden / MLP | {shape["num_layers"]} / {shape["hidden_size"]} / {shape["intermediate_size"]} |
+| attention heads / KV heads | {shape["num_heads"]} / {shape["num_kv_heads"]} (head dim \
+{shape["hidden_size"] // shape["num_heads"]}) |
+| vocabulary | {record["vocab_size"]:,} (byte-level BPE trained on the same corpus) |
+| context | trained on {train["seq_len"]}-token windows; `max_position_embeddings` 1024 |
+| chat template | ChatML (`<|im_start|>` / `<|im_end|>`); generation stops at `</s>` or `<|im_end|>` |
+
+## Data
+
+Every `.py` file of the standard library of Python {corpus["python"]} (`site-packages` and test
+directories excluded), sorted by path. Whole files are held out for validation: those whose
+`sha256(path) % 20 == 0` ({len(corpus["validation_files"])} files, {corpus["validation_tokens"]:,}
+tokens; the list is in `training.json`). Training: {corpus["train_files"]} files,
+{corpus["train_tokens"]:,} tokens ({corpus["train_bytes"] / 1e6:.1f} MB).
+
+## Training
+
+`python scripts/train_convoy_tiny.py --out convoy/assets` in the convoy repository trains the
+tokenizer, this model and its sibling. {train["steps"]} steps of {train["batch_size"]} random
+{train["seq_len"]}-token windows ({record["tokens_seen"] / 1e6:.1f}M tokens), AdamW (betas 0.9,
+0.95; weight decay {train["weight_decay"]}), learning rate {train["lr"]} with {train["warmup_steps"]}
+warmup steps and cosine decay to {train["min_lr_ratio"]}x, gradient clipping {train["grad_clip"]},
+float32, seed {train["seed"]} (init seed {record["init_seed"]}). Took {record["train_minutes"]:.0f}
+minutes on {env["threads"]} CPU threads (torch {env["torch"]}, transformers {env["transformers"]}).
+
+## Evaluation
+
+Cross-entropy in nats per token on {corpus["validation_tokens_evaluated"]:,} held-out tokens:
+
+| step | train loss (last batch) | validation loss |
+|---|---|---|
+{losses}
+
+Final validation loss **{record["final_val_loss"]:.3f}** (perplexity
+{math.exp(record["final_val_loss"]):.1f}), against **{record["unigram_val_loss"]:.3f}** for a unigram
+model of the training tokens (perplexity {math.exp(record["unigram_val_loss"]):.0f}).
+
+Greedy next-token agreement between `convoy-tiny-draft` and `convoy-tiny` on the held-out tokens
+(teacher forcing): **{agreement:.3f}**. That is the per-token acceptance rate greedy speculative
+decoding can expect with this pair.
+
+## Intended use and limits
+
+For tests, demos, and speculative-decoding, quantization and caching experiments. It completes
+Python code and docstrings in the style of the standard library, plausibly at the scale of a
+line or two; it knows nothing else, has no instruction tuning (the chat template only gives the
+format), makes up APIs, and its code is not meant to run. Do not use it for anything that
+matters.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-steps", type=int, default=1600)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--val-windows", type=int, default=256, help="validation windows of 256")
+    parser.add_argument(
+        "--cards-only",
+        action="store_true",
+        help="only rewrite each OUT/*/README.md from its training.json",
+    )
     args = parser.parse_args(argv)
+    if args.cards_only:
+        for record_path in sorted(args.out.glob("*/training.json")):
+            record = json.loads(record_path.read_text())
+            (record_path.parent / "README.md").write_text(model_card(record))
+        return 0
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()

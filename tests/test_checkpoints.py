@@ -303,55 +303,9 @@ def test_benchmark_sizes(size: dict[str, Any], expected: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_default_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CONVOY_CACHE_DIR", str(tmp_path))
-    path = checkpoints.default_model_path()
-    assert path.parent == tmp_path and path.name == "default-model-v1"
-    assert checkpoints.DEFAULT_MODEL_NAME == "convoy-tiny-random"
-    # Nothing half-built is left behind.
-    assert [p.name for p in tmp_path.iterdir()] == ["default-model-v1"]
-
-    config = json.loads((path / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"]
-    assert config["vocab_size"] == 8192 and config["tie_word_embeddings"] is True
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    assert len(tokenizer) == 8192
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    ids = tokenizer.encode("def fibonacci(n):")
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits
-    assert logits.shape == (1, len(ids), 8192) and torch.isfinite(logits).all()
-
-    # Reused, not rebuilt.
-    mtime = (path / "model.safetensors").stat().st_mtime_ns
-    assert checkpoints.default_model_path() == path
-    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
-
-
-def test_cached_build_loser_discards_its_copy(tmp_path: Path) -> None:
-    target = tmp_path / "thing"
-
-    def build_while_another_wins(out: Path) -> None:
-        (out / "mine.txt").write_text("loser")
-        # Another process finishes first while we are still building.
-        target.mkdir()
-        (target / "theirs.txt").write_text("winner")
-
-    assert checkpoints._cached_build(target, build_while_another_wins) == target
-    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["thing"]
-
-    def must_not_run(out: Path) -> None:
-        raise AssertionError("rebuilt an existing entry")
-
-    assert checkpoints._cached_build(target, must_not_run) == target
-
-
-def test_cached_build_failure_leaves_nothing(tmp_path: Path) -> None:
-    def failing(out: Path) -> None:
-        (out / "partial").write_text("x")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        checkpoints._cached_build(tmp_path / "thing", failing)
-    assert list(tmp_path.iterdir()) == []
+def test_missing_builtin_model_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpoints, "ASSETS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"train_convoy_tiny\.py"):
+        checkpoints.default_model_path()

@@ -1,8 +1,8 @@
 """Prefix caching never changes outputs: on vs off, for every supported architecture.
 
-The prompts share a 40-token prefix (2.5 blocks of 16), one diverges from it in the middle of
-a block, one is repeated whole (fully cached but its last token), and one request samples
-n=3 with a seed. Greedy tokens, sampled tokens and logprobs must be the same with caching on
+The prompts share a 72-token prefix (4.5 blocks of 16, enough for shared-prefix decode
+attention), one diverges from it in the middle of a block, one is repeated whole (fully cached
+but its last token), and one request samples n=3 with a seed. Greedy tokens, sampled tokens and logprobs must be the same with caching on
 (all at once, one at a time, chunked, and with a pool so small that requests holding shared
 blocks are preempted) as with it off; and the cache must actually have been used.
 """
@@ -30,8 +30,8 @@ def prompts() -> list[list[int]]:
     def toks(n: int) -> list[int]:
         return [rng.randrange(5, TOKENIZER_VOCAB) for _ in range(n)]
 
-    prefix = toks(40)
-    repeated = toks(49)  # 3 full blocks + 1 token
+    prefix = toks(72)
+    repeated = toks(81)  # 5 full blocks + 1 token
     return [
         prefix + toks(20),
         prefix + toks(33),
@@ -102,14 +102,24 @@ def test_prefix_caching_leaves_outputs_unchanged(
     got = run(one_by_one, sequential=True)
     assert_same(got, want, "one at a time")
     cached = [o.num_cached_tokens for o in got]
-    # prefix+20 is first; prefix+33 finds 2 blocks; the mid-block divergence finds block 0;
-    # the repeat finds all 3 full blocks; the last prompt (prefix alone) finds 2 blocks; the
+    # prefix+20 is first; prefix+33 finds 4 blocks; the mid-block divergence finds block 0;
+    # the repeat finds all 5 full blocks; the last prompt (prefix alone) finds 4 blocks; the
     # n=3 request repeats prompt 0, which is cached up to its last full block.
-    assert cached == [0, 32, 16, 0, 0, 48, 32, 48]
+    assert cached == [0, 64, 16, 0, 0, 80, 64, 80]
 
     at_once = LLM(**base)
     poison_kv_cache(at_once)
+    groups: list[int] = []  # sizes of the shared-prefix decode groups the runner formed
+    shared_prefixes = at_once.engine.runner._shared_prefixes
+
+    def spy_groups(*args: Any) -> Any:
+        result = shared_prefixes(*args)
+        groups.extend(g.row_end - g.row_start for g in result[0])
+        return result
+
+    monkeypatch.setattr(at_once.engine.runner, "_shared_prefixes", spy_groups)
     assert_same(run(at_once, sequential=False), want, "all at once")
+    assert groups and max(groups) >= 3  # shared-prefix attention really ran
 
     chunked = LLM(**base, max_num_batched_tokens=BLOCK)
     poison_kv_cache(chunked)

@@ -30,12 +30,34 @@ class PrefillChunk:
 
 
 @dataclass
+class SharedPrefixDecode:
+    """Decodes that share their leading KV blocks (prefix caching, or n > 1 samples).
+
+    Decode rows ``[row_start, row_end)`` all begin with the same ``prefix_slots``; the rest of
+    each row's context is in :attr:`AttentionMetadata.suffix_slots`. Attention over the prefix
+    is then one matrix product for all the group's queries, with the prefix's keys and values
+    read once instead of once per row (Hydragen), and merged exactly with the suffix part
+    through the softmax normalizers.
+    """
+
+    row_start: int
+    row_end: int
+    prefix_slots: torch.Tensor  # (P,)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V goes
     num_decode_tokens: int  # the first D tokens are decodes, one per request
     decode_slots: torch.Tensor | None  # (D, Lmax) context slots, padded with slot 0
     decode_context_lens: torch.Tensor | None  # (D,)
     prefills: list[PrefillChunk]
+    # Shared-prefix decode (used by layers without a sliding window): groups of decode rows
+    # with a common prefix, and each row's context after its group's prefix (all of it for
+    # rows in no group), padded with the zeroed pad slot.
+    prefix_groups: list[SharedPrefixDecode] = field(default_factory=list)
+    suffix_slots: torch.Tensor | None = None  # (D, Smax)
+    suffix_lens: torch.Tensor | None = None  # (D,)
     # Masks depend on the layer's sliding window; built once per step per window.
     _masks: dict[int | None, tuple[torch.Tensor | None, list[torch.Tensor]]] = field(
         default_factory=dict
@@ -105,7 +127,9 @@ def paged_attention(
     decode_mask, prefill_masks = meta.masks(window)
 
     d = meta.num_decode_tokens
-    if d and meta.decode_slots is not None and decode_mask is not None:
+    if d and window is None and meta.prefix_groups:
+        out[:d] = _shared_prefix_decode(q[:d], k_cache, v_cache, meta, scale)
+    elif d and meta.decode_slots is not None and decode_mask is not None:
         # Decode: one query per request. A grouped matmul over the padded context beats
         # torch's CPU SDPA here, which is slow with GQA and a mask.
         group = num_heads // num_kv_heads
@@ -133,3 +157,57 @@ def paged_attention(
         )  # (1, H, q, Dh)
         out[chunk.q_start : chunk.q_end] = o[0].transpose(0, 1)
     return out
+
+
+def _shared_prefix_decode(
+    q: torch.Tensor,  # (D, H, Dh)
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention split into shared prefixes and per-row suffixes, merged exactly.
+
+    Softmax over a split context: with ``m`` the running max, ``l = sum(exp(s - m))`` and
+    ``o = sum(exp(s - m) v)`` per part, the parts combine as ``o1 e^(m1-m) + o2 e^(m2-m)`` over
+    ``l1 e^(m1-m) + l2 e^(m2-m)`` with ``m = max(m1, m2)``: the same attention, up to float
+    rounding.
+    """
+    assert meta.suffix_slots is not None and meta.suffix_lens is not None
+    d, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    qd = q.view(d, num_kv_heads, group, head_dim)
+
+    # Every row's own part (its whole context when it is in no group).
+    smax = meta.suffix_slots.shape[1]
+    flat = meta.suffix_slots.reshape(-1)
+    k = k_cache.index_select(0, flat).view(d, smax, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, flat).view(d, smax, num_kv_heads, head_dim)
+    scores = (qd @ k.permute(0, 2, 3, 1)).float() * scale  # (D, Hkv, G, S)
+    pad = torch.arange(smax, device=q.device)[None, :] >= meta.suffix_lens[:, None]  # (D, S)
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)  # (D, Hkv, G, 1)
+    e = torch.exp(scores - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    numer = (e.to(v.dtype) @ v.transpose(1, 2)).float()  # (D, Hkv, G, Dh)
+
+    for g in meta.prefix_groups:
+        rows = slice(g.row_start, g.row_end)
+        n = g.row_end - g.row_start
+        kp = k_cache.index_select(0, g.prefix_slots)  # (P, Hkv, Dh), read once for n rows
+        vp = v_cache.index_select(0, g.prefix_slots)
+        qg = qd[rows].permute(1, 0, 2, 3).reshape(num_kv_heads, n * group, head_dim)
+        sp = (qg @ kp.permute(1, 2, 0)).float() * scale  # (Hkv, n*G, P)
+        mp = sp.amax(dim=-1, keepdim=True)
+        ep = torch.exp(sp - mp)
+        lp = ep.sum(dim=-1, keepdim=True)
+        op = (ep.to(vp.dtype) @ vp.transpose(0, 1)).float()  # (Hkv, n*G, Dh)
+        # (Hkv, n*G, X) -> (n, Hkv, G, X), the suffix part's layout.
+        mp, lp, op = (x.view(num_kv_heads, n, group, -1).permute(1, 0, 2, 3) for x in (mp, lp, op))
+        ms = m[rows]
+        mx = torch.maximum(ms, mp)
+        ws, wp = torch.exp(ms - mx), torch.exp(mp - mx)
+        numer[rows] = numer[rows] * ws + op * wp
+        denom[rows] = denom[rows] * ws + lp * wp
+    return (numer / denom).to(q.dtype).reshape(d, num_heads, head_dim)

@@ -10,11 +10,15 @@ import torch
 from convoy.config import CacheConfig, ModelConfig
 from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
 from convoy.model.arch import ModelArch
-from convoy.model.attention import AttentionMetadata, PrefillChunk
+from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
 from convoy.model.loader import load_model
 from convoy.model.sampler import Sampler, SamplingRow, TopLogprobs, gather_logprobs
 
 logger = logging.getLogger(__name__)
+
+# Decodes sharing fewer leading blocks than this attend the plain way: splitting the softmax
+# only pays once the shared prefix is long enough to be worth reading once.
+MIN_SHARED_BLOCKS = 4
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,8 +129,12 @@ class ModelRunner:
         if out.is_empty:
             return result
 
-        # Decodes (one query token) first, so attention can batch them in one call.
-        order = sorted(out.scheduled, key=lambda s: s.num_tokens != 1)
+        # Decodes (one query token) first, so attention can batch them in one call; decodes
+        # sorted by block table, so those sharing prefix blocks are neighbours and form groups.
+        order = sorted(
+            out.scheduled,
+            key=lambda s: (s.num_tokens != 1, s.block_table if s.num_tokens == 1 else []),
+        )
         input_ids, positions, meta, q_starts = self._prepare(order)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, C)
 
@@ -195,6 +203,56 @@ class ModelRunner:
         ]
         result.prompt_logprobs[request.request_id] = (s.start + 1, entries)
 
+    def _shared_prefixes(
+        self, decodes: list[ScheduledRequest], tables: torch.Tensor, ctx: torch.Tensor
+    ) -> tuple[list[SharedPrefixDecode], torch.Tensor | None, torch.Tensor | None]:
+        """Groups of decodes whose block tables start alike, and each row's remaining slots.
+
+        A block id in two tables is one shared block (prefix cache, n > 1). A group is a run of
+        neighbouring rows sharing at least ``MIN_SHARED_BLOCKS`` leading blocks; its prefix
+        always leaves each row at least its newest token. Returns no groups (and no suffixes)
+        when no two rows share that much.
+        """
+        bs = self.block_size
+        groups: list[SharedPrefixDecode] = []
+        prefix_lens = [0] * len(decodes)
+
+        def usable(d: ScheduledRequest) -> int:
+            # Blocks before the newest token's (which stays in the row's own part).
+            return min(len(d.block_table), d.start // bs)
+
+        start = 0
+        while start < len(decodes):
+            lead = decodes[start].block_table
+            shared = usable(decodes[start])
+            end = start + 1
+            # Rows come sorted by block table, so rows sharing a prefix are neighbours; the
+            # group grows while its common prefix stays long enough.
+            while end < len(decodes):
+                table = decodes[end].block_table
+                limit = min(shared, usable(decodes[end]))
+                k = 0
+                while k < limit and table[k] == lead[k]:
+                    k += 1
+                if k < MIN_SHARED_BLOCKS:
+                    break
+                shared, end = k, end + 1
+            if end - start > 1:
+                pos = torch.arange(shared * bs, device=self.device)
+                slots = tables[start, pos // bs] * bs + pos % bs
+                groups.append(SharedPrefixDecode(start, end, slots))
+                prefix_lens[start:end] = [shared * bs] * (end - start)
+            start = end
+        if not groups:
+            return [], None, None
+        plen = torch.tensor(prefix_lens, dtype=torch.long, device=self.device)
+        suffix_lens = ctx - plen
+        pos = plen[:, None] + torch.arange(int(suffix_lens.max()), device=self.device)[None, :]
+        real = pos < ctx[:, None]
+        blk = torch.gather(tables, 1, (pos // bs).clamp(max=tables.shape[1] - 1))
+        suffix_slots = torch.where(real, blk * bs + pos % bs, self.pad_slot)
+        return groups, suffix_slots, suffix_lens
+
     def _prepare(
         self, order: list[ScheduledRequest]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -225,7 +283,8 @@ class ModelRunner:
         positions = starts[req_of_token] + offsets  # (T,)
         slot_mapping = tables[req_of_token, positions // bs] * bs + positions % bs
 
-        decode_slots = decode_lens = None
+        decode_slots = decode_lens = suffix_slots = suffix_lens = None
+        prefix_groups: list[SharedPrefixDecode] = []
         if num_decodes:
             ctx = starts[:num_decodes] + 1  # context length after this token
             lmax = int(ctx.max())
@@ -234,6 +293,9 @@ class ModelRunner:
             real = pos[None, :] < ctx[:, None]
             decode_slots = torch.where(real, blk * bs + pos % bs, self.pad_slot)  # (D, Lmax)
             decode_lens = ctx
+            prefix_groups, suffix_slots, suffix_lens = self._shared_prefixes(
+                order[:num_decodes], tables[:num_decodes], ctx
+            )
 
         prefills = []
         for j in range(num_decodes, len(order)):
@@ -254,5 +316,8 @@ class ModelRunner:
             decode_slots=decode_slots,
             decode_context_lens=decode_lens,
             prefills=prefills,
+            prefix_groups=prefix_groups,
+            suffix_slots=suffix_slots,
+            suffix_lens=suffix_lens,
         )
         return input_ids, positions, meta, q_starts
