@@ -343,8 +343,8 @@ matters.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="writes OUT/convoy-tiny{,-draft}")
-    parser.add_argument("--target-steps", type=int, default=2000)
-    parser.add_argument("--draft-steps", type=int, default=1600)
+    parser.add_argument("--target-steps", type=int, default=900)
+    parser.add_argument("--draft-steps", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--val-windows", type=int, default=256, help="validation windows of 256")
     parser.add_argument(
