@@ -11,7 +11,7 @@ by path, split into train/validation by a hash of the path), the tokenizer train
 deterministic, and every random draw (init, batch sampling) comes from fixed seeds. With the
 same Python, torch version and thread count the weights come out the same.
 
-    python scripts/train_convoy_tiny.py --out convoy/assets          # ~75 min on 2 cores
+    python scripts/train_convoy_tiny.py --out convoy/assets          # ~40 min on 2 cores
     python scripts/train_convoy_tiny.py --out /tmp/t --target-steps 20 --draft-steps 20  # smoke
 """
 
