@@ -38,6 +38,20 @@ class ModelConfig:
         metadata={"help": "Longest prompt + output (default: the model's, capped by the KV pool)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the engine's shared generator."})
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "int8: weight-only int8 linear layers (CPU; faster bandwidth-bound decode, "
+            "outputs change slightly). Default: none, exact."
+        },
+    )
+    attention_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (convoy's C++ paged-attention kernel on a float32 CPU model when it "
+            "builds, else torch ops) or torch (torch ops only)."
+        },
+    )
 
 
 @dataclass
@@ -148,3 +162,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {m.dtype!r}")
         if m.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {m.device!r}")
+        if m.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be int8 or unset, got {m.quantization!r}")
+        if m.attention_backend not in ("auto", "torch"):
+            raise ValueError(
+                f"attention_backend must be auto or torch, got {m.attention_backend!r}"
+            )

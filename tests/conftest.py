@@ -17,6 +17,13 @@ import pytest
 os.environ["CONVOY_CHECK_INTEGRITY"] = "1"
 
 from convoy.checkpoints import python_corpus, train_tokenizer, write_random_checkpoint
+from convoy.model import cpu_kernels
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Build convoy's C++ kernels once, up front: a `convoy serve` subprocess started by a test
+    # then loads the cached build instead of spending its startup deadline compiling.
+    cpu_kernels.load()
 
 TOKENIZER_VOCAB = 512
 

@@ -22,6 +22,7 @@ from convoy.config import EngineConfig
 from convoy.engine.detokenizer import IncrementalDetokenizer
 from convoy.engine.kv_cache_manager import KVCacheManager
 from convoy.engine.prefix_cache import namespace_root
+from convoy.engine.profiler import StepProfiler, StepTiming
 from convoy.engine.request import FinishReason, Request, RequestMetrics
 from convoy.engine.scheduler import Scheduler, SchedulerOutput
 from convoy.model.arch import ModelArch
@@ -122,6 +123,8 @@ class LLMEngine:
         # Tests (and the curious) set CONVOY_CHECK_INTEGRITY=1 to check the pool every step.
         self.check_every_step = os.environ.get("CONVOY_CHECK_INTEGRITY") == "1"
         self.num_steps = 0
+        # Set to a StepProfiler to time every step's phases (convoy bench --profile).
+        self.profiler: StepProfiler | None = None
         # Prompt tokens run through the model, and prompt tokens of every request that started
         # (computed or found in the prefix cache; what vLLM's prompt_tokens metric counts).
         self.num_prompt_tokens_computed = 0
@@ -311,7 +314,15 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return outputs of requests that got new tokens or finished."""
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        timing = None
+        if self.profiler is not None:
+            timing = StepTiming(
+                num_decodes=sum(1 for s in sched.scheduled if s.num_tokens == 1),
+                num_prefill_tokens=sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1),
+                schedule=time.perf_counter() - t0,
+            )
         now = time.time()
         for s in sched.scheduled:
             parent, _ = self._seq_of[s.request.request_id]
@@ -319,7 +330,7 @@ class LLMEngine:
                 parent.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(parent.prompt_token_ids)
         try:
-            model_out = self.runner.execute(sched)
+            model_out = self.runner.execute(sched, timing)
         except Exception:
             # A failure inside the model must not take the engine down: the requests of this
             # step fail alone, with their blocks returned.
@@ -332,8 +343,12 @@ class LLMEngine:
             max(0, min(s.start + s.num_tokens, s.request.num_prompt_tokens) - s.start)
             for s in sched.scheduled
         )
+        t1 = time.perf_counter()
         updated = self.scheduler.update_from_output(sched, model_out.sampled)
         outputs = self._process(model_out, updated)
+        if self.profiler is not None and timing is not None and not sched.is_empty:
+            timing.process = time.perf_counter() - t1
+            self.profiler.record(timing)
         if self.check_every_step or not self.parents:
             self.check_integrity()
         return outputs

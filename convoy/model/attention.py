@@ -14,6 +14,7 @@ cache by slot index.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -52,6 +53,11 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # (D, Lmax) context slots, padded with slot 0
     decode_context_lens: torch.Tensor | None  # (D,)
     prefills: list[PrefillChunk]
+    # Set when decodes run convoy's paged kernel (which reads the cache in place): the decode
+    # rows' block tables (D, B) and the kernel module. ``decode_slots`` is then not built.
+    decode_block_tables: torch.Tensor | None = None
+    decode_kernel: Any = None
+    block_size: int = 0
     # Shared-prefix decode (used by layers without a sliding window): groups of decode rows
     # with a common prefix, and each row's context after its group's prefix (all of it for
     # rows in no group), padded with the zeroed pad slot.
@@ -129,6 +135,18 @@ def paged_attention(
     d = meta.num_decode_tokens
     if d and window is None and meta.prefix_groups:
         out[:d] = _shared_prefix_decode(q[:d], k_cache, v_cache, meta, scale)
+    elif d and meta.decode_kernel is not None:
+        meta.decode_kernel.paged_decode_attention(
+            out[:d],
+            q[:d].contiguous(),
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            meta.block_size,
+            scale,
+            window or 0,
+        )
     elif d and meta.decode_slots is not None and decode_mask is not None:
         # Decode: one query per request. A grouped matmul over the padded context beats
         # torch's CPU SDPA here, which is slow with GQA and a mask.

@@ -11,7 +11,7 @@ from torch import nn
 
 from convoy.model.arch import ModelArch
 from convoy.model.attention import AttentionMetadata, paged_attention, write_kv
-from convoy.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from convoy.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 
 # Checkpoint weight name -> (our fused parameter, which shard of it). The loader uses this.
 PACKED_MODULES: dict[str, tuple[str, str]] = {
@@ -33,8 +33,8 @@ class Attention(nn.Module):
         self.kv_size = arch.num_kv_heads * arch.head_dim
         self.scale = arch.head_dim**-0.5
         self.window = arch.sliding_windows[layer_idx]
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, arch.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_bias)
+        self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, arch.qkv_bias)
+        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=arch.o_bias)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.rotary = rotary
@@ -119,7 +119,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = DecoderModel(arch, max_positions)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

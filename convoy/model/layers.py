@@ -90,6 +90,46 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu": F.gelu}
 
 
+# At most this many rows go through convoy's matrix-vector kernel; more rows reuse each weight
+# element enough for the GEMM library to win.
+SKINNY_MAX_ROWS = 4
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that sends products of a few rows (single-stream decode) to convoy's
+    bandwidth-bound CPU kernel when the runner attaches it (float32 CPU models only), or runs
+    on int8 weights after :meth:`quantize_int8`."""
+
+    skinny_kernel: Any = None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.qweight: torch.Tensor | None
+        self.qscale: torch.Tensor | None
+        self.register_buffer("qweight", None)
+        self.register_buffer("qscale", None)
+
+    def quantize_int8(self) -> None:
+        """Keep the weight as int8 rows with float32 scales (see convoy.model.quantization)."""
+        from convoy.model.quantization import quantize_weight_int8
+
+        q, scale = quantize_weight_int8(self.weight)
+        self.qweight, self.qscale = q, scale.to(self.weight.dtype)
+        # Free the float weight (a tied embedding keeps its own reference).
+        self.weight = nn.Parameter(self.weight.new_empty((0, self.in_features)), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None and self.qscale is not None:
+            shape = x.shape
+            y = torch.ops.aten._weight_int8pack_mm(
+                x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.qscale
+            ).reshape(*shape[:-1], -1)
+            return y + self.bias if self.bias is not None else y
+        if self.skinny_kernel is not None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS:
+            return self.skinny_kernel.skinny_linear(x.contiguous(), self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))`` with gate and up fused into one matmul."""
 
@@ -99,8 +139,8 @@ class GatedMLP(nn.Module):
             raise ValueError(f"hidden_act {act!r} is not supported ({sorted(_ACTIVATIONS)})")
         self.act = _ACTIVATIONS[act]
         self.intermediate = intermediate
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # (T, I) each

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from convoy.config import CacheConfig, ModelConfig
+from convoy.engine.profiler import StepTiming
 from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
+from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
 from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
+from convoy.model.layers import Linear
 from convoy.model.loader import load_model
+from convoy.model.quantization import quantize_model_int8
 from convoy.model.sampler import Sampler, SamplingRow, TopLogprobs, gather_logprobs
 
 logger = logging.getLogger(__name__)
@@ -91,6 +96,10 @@ class ModelRunner:
         from pathlib import Path
 
         self.model = load_model(Path(model_path), arch, max_model_len, self.device, self.dtype)
+        if model_config.quantization == "int8":
+            if self.device.type != "cpu":
+                raise ValueError("quantization='int8' runs on the CPU only")
+            quantize_model_int8(self.model)
         # One tensor for the whole cache: (layers, 2, slots + 1, kv_heads, head_dim). torch.empty
         # only reserves address space; pages become resident as blocks are first written.
         # Unwritten memory may hold NaN, and a masked-out NaN still poisons attention
@@ -106,6 +115,18 @@ class ModelRunner:
             (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(arch.num_layers)
         ]
         self.sampler = Sampler(arch.vocab_size, self.device, model_config.seed)
+        # convoy's paged decode kernel reads the cache in place; torch ops gather a padded copy.
+        self.decode_kernel = None
+        if (
+            model_config.attention_backend == "auto"
+            and self.device.type == "cpu"
+            and self.dtype == torch.float32
+        ):
+            self.decode_kernel = cpu_kernels.load()
+        if self.decode_kernel is not None:
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module.skinny_kernel = self.decode_kernel
         self.generators: dict[str, torch.Generator] = {}
 
     # -- per-request state -------------------------------------------------------------------
@@ -122,7 +143,9 @@ class ModelRunner:
 
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelOutput:
+    def execute(self, out: SchedulerOutput, timing: StepTiming | None = None) -> ModelOutput:
+        """Run one scheduled step; ``timing``, when given, gets its phases' seconds."""
+        t0 = time.perf_counter()
         for rid in out.finished_request_ids:
             self.generators.pop(rid, None)
         result = ModelOutput()
@@ -136,12 +159,15 @@ class ModelRunner:
             key=lambda s: (s.num_tokens != 1, s.block_table if s.num_tokens == 1 else []),
         )
         input_ids, positions, meta, q_starts = self._prepare(order)
+        t1 = time.perf_counter()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, C)
+        t2 = t3 = time.perf_counter()
 
         sampling = [(s, q_starts[j] + s.num_tokens - 1) for j, s in enumerate(order) if s.samples]
         if sampling:
             rows_idx = torch.tensor([i for _, i in sampling], device=self.device)
             logits = self.model.compute_logits(hidden.index_select(0, rows_idx))  # (N, V)
+            t3 = time.perf_counter()
             rows = [
                 SamplingRow(
                     params=s.request.sampling_params,
@@ -170,6 +196,9 @@ class ModelRunner:
         for j, s in enumerate(order):
             if s.request.sampling_params.prompt_logprobs is not None:
                 self._prompt_logprobs(s, hidden, q_starts[j], result)
+        if timing is not None:
+            timing.prepare, timing.forward = t1 - t0, t2 - t1
+            timing.logits, timing.sample = t3 - t2, time.perf_counter() - t3
         return result
 
     def _prompt_logprobs(
@@ -256,7 +285,11 @@ class ModelRunner:
     def _prepare(
         self, order: list[ScheduledRequest]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flatten the scheduled tokens into ids, positions, slots and attention metadata."""
+        """Flatten the scheduled tokens into ids, positions, slots and attention metadata.
+
+        Python touches each request once (its new token ids, its block table); everything
+        per token is computed with tensor ops.
+        """
         bs = self.block_size
         dev = self.device
         tokens: list[int] = []
@@ -268,34 +301,41 @@ class ModelRunner:
 
         num_decodes = sum(1 for s in order if s.num_tokens == 1)
         max_blocks = max(len(s.block_table) for s in order)
-        tables = torch.zeros((len(order), max_blocks), dtype=torch.long)
-        for j, s in enumerate(order):
-            tables[j, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
-        tables = tables.to(dev)
-        starts = torch.tensor([s.start for s in order], dtype=torch.long, device=dev)
-        lens = torch.tensor([s.num_tokens for s in order], dtype=torch.long, device=dev)
-
-        # Position of each flat token: its request's start plus its offset within the request.
-        req_of_token = torch.repeat_interleave(torch.arange(len(order), device=dev), lens)
-        offsets = (
-            torch.arange(len(tokens), device=dev) - torch.tensor(q_starts, device=dev)[req_of_token]
+        # Rows padded with block 0: entries past a row's context are never read.
+        tables = torch.tensor(
+            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in order],
+            dtype=torch.long,
+            device=dev,
         )
-        positions = starts[req_of_token] + offsets  # (T,)
+        starts = torch.tensor([s.start for s in order], dtype=torch.long, device=dev)
+        if num_decodes == len(order):
+            req_of_token = torch.arange(len(order), device=dev)  # one token per request
+            positions = starts
+        else:
+            # Position of each flat token: its request's start plus its offset within it.
+            lens = torch.tensor([s.num_tokens for s in order], dtype=torch.long, device=dev)
+            req_of_token = torch.repeat_interleave(torch.arange(len(order), device=dev), lens)
+            offsets = torch.arange(len(tokens), device=dev) - torch.repeat_interleave(
+                torch.tensor(q_starts, device=dev), lens
+            )
+            positions = starts[req_of_token] + offsets  # (T,)
         slot_mapping = tables[req_of_token, positions // bs] * bs + positions % bs
 
-        decode_slots = decode_lens = suffix_slots = suffix_lens = None
+        decode_slots = decode_lens = decode_tables = suffix_slots = suffix_lens = None
         prefix_groups: list[SharedPrefixDecode] = []
         if num_decodes:
-            ctx = starts[:num_decodes] + 1  # context length after this token
-            lmax = int(ctx.max())
-            pos = torch.arange(lmax, device=dev)
-            blk = tables[:num_decodes, (pos // bs).clamp(max=max_blocks - 1)]
-            real = pos[None, :] < ctx[:, None]
-            decode_slots = torch.where(real, blk * bs + pos % bs, self.pad_slot)  # (D, Lmax)
-            decode_lens = ctx
+            decode_lens = starts[:num_decodes] + 1  # context length after this token
             prefix_groups, suffix_slots, suffix_lens = self._shared_prefixes(
-                order[:num_decodes], tables[:num_decodes], ctx
+                order[:num_decodes], tables[:num_decodes], decode_lens
             )
+            if self.decode_kernel is not None:
+                decode_tables = tables[:num_decodes]
+            else:
+                lmax = int(decode_lens.max())
+                pos = torch.arange(lmax, device=dev)
+                blk = tables[:num_decodes, (pos // bs).clamp(max=max_blocks - 1)]
+                real = pos[None, :] < decode_lens[:, None]
+                decode_slots = torch.where(real, blk * bs + pos % bs, self.pad_slot)  # (D, Lmax)
 
         prefills = []
         for j in range(num_decodes, len(order)):
@@ -316,6 +356,9 @@ class ModelRunner:
             decode_slots=decode_slots,
             decode_context_lens=decode_lens,
             prefills=prefills,
+            decode_block_tables=decode_tables,
+            decode_kernel=self.decode_kernel if decode_tables is not None else None,
+            block_size=bs,
             prefix_groups=prefix_groups,
             suffix_slots=suffix_slots,
             suffix_lens=suffix_lens,

@@ -1,10 +1,12 @@
-"""Shared-prefix decode attention equals plain paged attention (no model needed)."""
+"""Decode attention variants equal plain paged attention (no model needed): the shared-prefix
+split softmax and convoy's C++ paged kernel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from convoy.model import cpu_kernels
 from convoy.model.attention import AttentionMetadata, SharedPrefixDecode, paged_attention
 
 
@@ -48,4 +50,53 @@ def test_split_softmax_equals_plain_attention(heads: int, kv_heads: int) -> None
     want = paged_attention(q, k_cache, v_cache, plain, 0.25, None)
     got = paged_attention(q, k_cache, v_cache, split, 0.25, None)
     assert lmax == 49
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (4, 1)])
+@pytest.mark.parametrize("window", [None, 1, 7, 1000])
+def test_paged_kernel_equals_gathered_attention(
+    heads: int, kv_heads: int, window: int | None
+) -> None:
+    """The kernel reads K/V through scattered block tables of ragged lengths (1 token to
+    several blocks, a partly filled last block) and matches the gather-and-matmul path."""
+    kernel = cpu_kernels.load()
+    assert kernel is not None, cpu_kernels.unavailable_reason()
+    gen = torch.Generator().manual_seed(1)
+    block_size, num_blocks, dim = 4, 40, 16
+    pad = num_blocks * block_size
+    k_cache = torch.randn(pad + 1, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(pad + 1, kv_heads, dim, generator=gen)
+    k_cache[pad] = v_cache[pad] = 0
+    lens = torch.tensor([1, 4, 5, 13, 30])
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, width = [], 8
+    for n in lens.tolist():
+        need = -(-n // block_size)
+        tables.append(perm[:need] + [0] * (width - need))
+        perm = perm[need:]
+    table_t = torch.tensor(tables)
+    pos = torch.arange(int(lens.max()))
+    slots = table_t[:, pos // block_size] * block_size + pos % block_size
+    decode_slots = torch.where(pos[None, :] < lens[:, None], slots, pad)
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    gathered = AttentionMetadata(
+        slot_mapping=torch.zeros(len(lens), dtype=torch.long),
+        num_decode_tokens=len(lens),
+        decode_slots=decode_slots,
+        decode_context_lens=lens,
+        prefills=[],
+    )
+    paged = AttentionMetadata(
+        slot_mapping=gathered.slot_mapping,
+        num_decode_tokens=len(lens),
+        decode_slots=None,
+        decode_context_lens=lens,
+        prefills=[],
+        decode_block_tables=table_t,
+        decode_kernel=kernel,
+        block_size=block_size,
+    )
+    want = paged_attention(q, k_cache, v_cache, gathered, 0.25, window)
+    got = paged_attention(q, k_cache, v_cache, paged, 0.25, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

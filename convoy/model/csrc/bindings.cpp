@@ -1,0 +1,15 @@
+// Python bindings of convoy's CPU kernels (one extension module, built by cpu_kernels.py).
+
+#include <torch/extension.h>
+
+void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                            torch::Tensor v_cache, torch::Tensor block_tables,
+                            torch::Tensor context_lens, int64_t block_size, double scale,
+                            int64_t window);
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "Decode attention over a paged float32 KV cache (CPU)");
+  m.def("skinny_linear", &skinny_linear, "x W^T + b for a few rows of x, float32 (CPU)");
+}
