@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convoy.bench import roofline
+from convoy.bench.memory import memory_report
 from convoy.bench.metrics import (
     LatencyResult,
     RequestTiming,
@@ -70,6 +71,13 @@ def add_bench_parser(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run one short untimed request first (default: on)",
+    )
+    tp.add_argument(
+        "--profile",
+        type=Path,
+        metavar="OUT",
+        help="time each step's phases (schedule, prepare, forward, logits, sample, process), "
+        "print the breakdown and write every step's timing here as JSON",
     )
     _add_common(tp)
 
@@ -344,10 +352,18 @@ def _throughput(llm: LLM, args: argparse.Namespace, name: str) -> int:
         spec["saved_to"] = str(args.save_workload)
     spec["num_requests"] = len(requests)
     steps_before = llm.engine.num_steps
-    result, timings = run_throughput(llm, requests, args.temperature, warmup=args.warmup)
+    result, timings = run_throughput(
+        llm, requests, args.temperature, warmup=args.warmup, profile=args.profile is not None
+    )
     engine_steps = llm.engine.num_steps - steps_before
 
     print(result.format_table(f"convoy throughput ({spec['dataset']})"))
+    profile = llm.engine.profiler if args.profile is not None else None
+    if args.profile is not None and profile is not None:
+        print(profile.format_table())
+        profile.write(args.profile)
+    memory = memory_report(llm)
+    print(memory.format_table())
     roof: dict[str, Any] | None = None
     if args.roofline:
         roof, table = _throughput_roofline(llm, requests, result, args.roofline_size_mb)
@@ -359,6 +375,8 @@ def _throughput(llm: LLM, args: argparse.Namespace, name: str) -> int:
         "engine_steps": engine_steps,
         "requests": [_request_record(r, t) for r, t in zip(requests, timings, strict=True)],
         "roofline": roof,
+        "profile": profile.summary() if profile is not None else None,
+        "memory": memory.to_dict(),
     }
     _write_report(args.json, report)
     return _check_exact(name, result.output_lengths_exact, result.num_mismatched_outputs)

@@ -64,12 +64,14 @@ def run_throughput(
     temperature: float = 0.0,
     use_tqdm: bool = True,
     warmup: bool = True,
+    profile: bool = False,
 ) -> tuple[ThroughputResult, list[RequestTiming]]:
     """Generate for every request at once and time the run.
 
     Returns the aggregate result and each request's timing (in workload order). The output
     lengths are checked against the requested ones: ``result.num_mismatched_outputs`` counts
-    the requests that differ.
+    the requests that differ. ``profile``: time every step of the run (not the warm-up) into
+    a fresh ``llm.engine.profiler``.
     """
     if not requests:
         raise ValueError("the workload is empty")
@@ -77,6 +79,10 @@ def run_throughput(
         warm_up(llm, requests)
     prompts = [list(r.prompt_token_ids) for r in requests]
     params = [bench_sampling_params(r.output_len, temperature) for r in requests]
+    if profile:
+        from convoy.engine.profiler import StepProfiler
+
+        llm.engine.profiler = StepProfiler()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
     elapsed = time.perf_counter() - start

@@ -70,7 +70,8 @@ class Sampler:
         want_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
-        logits = self._apply_constraints(logits.clone(), rows)
+        if any(_constrained(r) for r in rows):
+            logits = self._apply_constraints(logits.clone(), rows)
         greedy = torch.tensor([r.params.greedy for r in rows], device=self.device)
         tokens = logits.argmax(dim=-1)  # (N,)
         if not bool(greedy.all()):
@@ -142,6 +143,17 @@ class Sampler:
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _constrained(row: SamplingRow) -> bool:
+    """Whether ``row``'s logits change before sampling (so the batch's must be copied)."""
+    p = row.params
+    return bool(
+        len(row.output_token_ids) < p.min_tokens
+        or p.logit_bias
+        or p.repetition_penalty != 1.0
+        or ((p.presence_penalty or p.frequency_penalty) and row.output_token_ids)
+    )
 
 
 def _top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
