@@ -25,6 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # then loads the cached build instead of spending its startup deadline compiling.
     cpu_kernels.load()
 
+
 TOKENIZER_VOCAB = 512
 
 # Tiny shapes: GQA (4 heads over 2 kv heads) unless a case says otherwise.
