@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+LINEAR_BACKENDS = ("auto", "packed", "plain", "torch")
+
 
 @dataclass
 class ModelConfig:
@@ -50,6 +52,16 @@ class ModelConfig:
         metadata={
             "help": "auto (convoy's C++ paged-attention kernel on a float32 CPU model when it "
             "builds, else torch ops) or torch (torch ops only)."
+        },
+    )
+    linear_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "float32 CPU linear layers: packed (oneDNN on weights reordered once into "
+            "its blocked layout; fastest for batches), plain (weights kept as loaded: convoy's "
+            "matrix-vector kernel for up to 4 rows, the fastest single-stream decode, oneDNN "
+            "above), torch (torch.nn.functional.linear), or auto (packed when max_num_seqs > 4, "
+            "else plain). Falls back to torch where oneDNN or the kernel is missing."
         },
     )
 
@@ -167,4 +179,9 @@ class EngineConfig:
         if m.attention_backend not in ("auto", "torch"):
             raise ValueError(
                 f"attention_backend must be auto or torch, got {m.attention_backend!r}"
+            )
+        if m.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(
+                f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, "
+                f"got {m.linear_backend!r}"
             )

@@ -2,7 +2,8 @@
 
 For every supported architecture the same 16 prompts (1 to 300 tokens) are generated
 (a) one request at a time, (b) all at once, (c) with a 16-token step budget that forces
-chunked prefill, (d) with a KV pool so small that requests get preempted. Token ids must be
+chunked prefill, (d) with a KV pool so small that requests get preempted, (e) with each
+choice of CPU linear and attention path. Token ids must be
 identical to ``transformers.generate``; token and prompt logprobs within 1e-4.
 """
 
@@ -94,6 +95,10 @@ MODES: dict[str, dict[str, Any]] = {
     "chunked": {"max_num_batched_tokens": 16},
     # 24 blocks of 16 = 384 tokens: the longest request (332) fits alone, all 16 do not.
     "preempting": {"num_kv_blocks": 24, "block_size": 16},
+    # The CPU fast paths must not change outputs either: the default packs linear weights for
+    # oneDNN and uses convoy's attention kernel; these are the alternatives.
+    "plain linears": {"linear_backend": "plain"},
+    "torch ops only": {"linear_backend": "torch", "attention_backend": "torch"},
 }
 
 

@@ -12,6 +12,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from convoy.model.layers import Linear
+
 if TYPE_CHECKING:
     from convoy.entrypoints.llm import LLM
 
@@ -59,5 +61,9 @@ def memory_report(llm: LLM) -> MemoryReport:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             weights += t.numel() * t.element_size()
+    # oneDNN-packed weights live outside parameters and buffers (opaque tensors).
+    for m in runner.model.modules():
+        if isinstance(m, Linear) and m.onednn_weight is not None and m.onednn_weight.is_mkldnn:
+            weights += m.onednn_weight.numel() * m.onednn_weight.element_size()
     kv = runner.kv_cache.numel() * runner.kv_cache.element_size()
     return MemoryReport(weights, kv, peak_rss_bytes())

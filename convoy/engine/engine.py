@@ -113,7 +113,13 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.runner = ModelRunner(
-            config.model, config.cache, self.arch, str(model_path), self.max_model_len, num_blocks
+            config.model,
+            config.cache,
+            self.arch,
+            str(model_path),
+            self.max_model_len,
+            num_blocks,
+            config.scheduler.max_num_seqs,
         )
         self.parents: dict[str, _ParentRequest] = {}
         self._seq_of: dict[str, tuple[_ParentRequest, _Sequence]] = {}

@@ -14,7 +14,7 @@ from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
 from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
 from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
-from convoy.model.layers import Linear
+from convoy.model.layers import SKINNY_MAX_ROWS, Linear, onednn_available
 from convoy.model.loader import load_model
 from convoy.model.quantization import quantize_model_int8
 from convoy.model.sampler import Sampler, SamplingRow, TopLogprobs, gather_logprobs
@@ -87,6 +87,7 @@ class ModelRunner:
         model_path: str,
         max_model_len: int,
         num_blocks: int,
+        max_num_seqs: int,
     ) -> None:
         self.device = resolve_device(model_config)
         self.dtype = resolve_dtype(model_config, self.device)
@@ -123,11 +124,36 @@ class ModelRunner:
             and self.dtype == torch.float32
         ):
             self.decode_kernel = cpu_kernels.load()
-        if self.decode_kernel is not None:
-            for module in self.model.modules():
-                if isinstance(module, Linear):
-                    module.skinny_kernel = self.decode_kernel
+        if model_config.quantization is None:
+            self._attach_cpu_linear_paths(model_config.linear_backend, max_num_seqs)
         self.generators: dict[str, torch.Generator] = {}
+
+    def _attach_cpu_linear_paths(self, backend: str, max_num_seqs: int) -> None:
+        """Give a float32 CPU model's linear layers oneDNN (packed weights when batches can be
+        large) and convoy's matrix-vector kernel for few-row products on plain weights."""
+        if backend == "torch" or self.device.type != "cpu" or self.dtype != torch.float32:
+            return
+        if backend == "auto":
+            # Packing drops the plain layout the matrix-vector kernel reads: worth it only when
+            # batches can outgrow what that kernel takes.
+            backend = "packed" if max_num_seqs > SKINNY_MAX_ROWS else "plain"
+        skinny = cpu_kernels.load()
+        onednn = onednn_available()
+        # A weight an embedding also reads (a tied head) must keep its plain layout.
+        shared = {
+            p.data_ptr()
+            for m in self.model.modules()
+            if not isinstance(m, Linear)
+            for p in m.parameters(recurse=False)
+        }
+        for module in self.model.modules():
+            if not isinstance(module, Linear):
+                continue
+            if onednn:
+                module.use_onednn(
+                    pack=backend == "packed" and module.weight.data_ptr() not in shared
+                )
+            module.skinny_kernel = skinny
 
     # -- per-request state -------------------------------------------------------------------
     def _generator(self, s: ScheduledRequest) -> torch.Generator | None:

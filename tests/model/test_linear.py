@@ -1,0 +1,80 @@
+"""Every CPU path of convoy's Linear computes the same product as torch's, to float32 rounding:
+oneDNN on packed or plain weights, the few-row matrix-vector kernel, and the runner's choice
+between them (packing frees the plain weight, except a head tied to the embedding table)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from convoy import LLM
+from convoy.model import cpu_kernels
+from convoy.model.layers import SKINNY_MAX_ROWS, Linear, onednn_available
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+
+
+def _layer(bias: bool) -> Linear:
+    torch.manual_seed(0)
+    layer = Linear(96, 200, bias=bias)
+    layer.weight.data.normal_()
+    if bias:
+        assert layer.bias is not None
+        layer.bias.data.normal_()
+    return layer
+
+
+@needs_onednn
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1, 64, 300])
+def test_cpu_paths_equal_torch_linear(pack: bool, bias: bool, rows: int) -> None:
+    layer = _layer(bias)
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        want = torch.nn.functional.linear(x.double(), layer.weight.double(), None)
+        if layer.bias is not None:
+            want = want + layer.bias.double()
+        layer.skinny_kernel = cpu_kernels.load()
+        layer.use_onednn(pack=pack)
+        got = layer(x)
+    assert got.shape == (rows, 200) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # Packing keeps one copy of the weight, in oneDNN's layout.
+    assert (layer.weight.numel() == 0) == pack
+
+
+@needs_onednn
+def test_runner_packs_weights_but_keeps_a_tied_head_plain(
+    make_checkpoint: Callable[..., Path],
+) -> None:
+    path = make_checkpoint("llama3-tied-mqa")
+    llm = LLM(model=str(path), max_model_len=128, linear_backend="packed")
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.onednn_weight is not None for m in linears)
+    head = model.lm_head
+    assert head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert head.weight.numel() > 0 and head.onednn_weight is not None
+    assert not head.onednn_weight.is_mkldnn
+    assert all(m.weight.numel() == 0 for m in linears if m is not head)
+
+
+@pytest.mark.parametrize(("max_num_seqs", "packed"), [(1, False), (SKINNY_MAX_ROWS + 1, True)])
+def test_auto_packs_only_when_batches_outgrow_the_matrix_vector_kernel(
+    make_checkpoint: Callable[..., Path], max_num_seqs: int, packed: bool
+) -> None:
+    if not onednn_available():
+        pytest.skip("torch built without oneDNN")
+    llm = LLM(model=str(make_checkpoint("llama")), max_model_len=128, max_num_seqs=max_num_seqs)
+    proj = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    assert isinstance(proj, Linear) and proj.onednn_weight is not None
+    assert proj.onednn_weight.is_mkldnn == packed
+
+
+def test_unknown_linear_backend_is_refused(make_checkpoint: Callable[..., Path]) -> None:
+    with pytest.raises(ValueError, match="linear_backend must be one of"):
+        LLM(model=str(make_checkpoint("llama")), linear_backend="fast")
