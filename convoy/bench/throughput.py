@@ -68,15 +68,19 @@ def run_throughput(
 ) -> tuple[ThroughputResult, list[RequestTiming]]:
     """Generate for every request at once and time the run.
 
-    Returns the aggregate result and each request's timing (in workload order). The output
-    lengths are checked against the requested ones: ``result.num_mismatched_outputs`` counts
-    the requests that differ. ``profile``: time every step of the run (not the warm-up) into
-    a fresh ``llm.engine.profiler``.
+        Returns the aggregate result and each request's timing (in workload order). The output
+        lengths are checked against the requested ones: ``result.num_mismatched_outputs`` counts
+        the requests that differ. The prefix cache is emptied before the clock starts (sharing
+    within the run still counts). ``profile``: time every step of the run (not the warm-up) into
+        a fresh ``llm.engine.profiler``.
     """
     if not requests:
         raise ValueError("the workload is empty")
     if warmup:
         warm_up(llm, requests)
+    # Every timed run starts with an empty prefix cache, as a fresh process would: a workload
+    # repeated on one engine must not find its own prompts cached from the previous run.
+    llm.reset_prefix_cache()
     prompts = [list(r.prompt_token_ids) for r in requests]
     params = [bench_sampling_params(r.output_len, temperature) for r in requests]
     if profile:

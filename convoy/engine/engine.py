@@ -310,6 +310,12 @@ class LLMEngine:
             outputs.append(self._finish_parent(parent))
         return outputs
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block; only between runs (no request may be in flight)."""
+        if self.parents:
+            raise RuntimeError("reset_prefix_cache needs an idle engine: requests are running")
+        self.kv_cache.reset_prefix_cache()
+
     # -- stepping ----------------------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
         return bool(self.parents)

@@ -33,6 +33,11 @@ class LLM:
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt block, so the next requests compute their prompts in full
+        (benchmarks repeating a workload; vLLM's ``LLM.reset_prefix_cache``)."""
+        self.engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

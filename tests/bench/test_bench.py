@@ -432,3 +432,20 @@ def test_cli_latency_end_to_end(
         float(np.median([3 * 3 / d for d in r["decode_s"]]))
     )
     assert report["roofline"] is None
+
+
+def test_repeated_throughput_runs_compute_every_prompt_token(
+    make_checkpoint: Callable[..., Path],
+) -> None:
+    """A workload timed twice on one engine must not find its prompts in the prefix cache."""
+    from convoy import LLM
+    from convoy.bench.throughput import run_throughput
+
+    llm = LLM(model=str(make_checkpoint("llama")), num_kv_blocks=128, block_size=16)
+    requests = random_workload(4, (40, 60), (2, 2), 500, seed=3, avoid_ids=[0, 1, 2, 3, 4])
+    engine = llm.engine
+    for _ in range(2):
+        before = engine.num_prompt_tokens_computed
+        result, _ = run_throughput(llm, requests, use_tqdm=False, warmup=False)
+        assert engine.num_prompt_tokens_computed - before == sum(r.input_len for r in requests)
+        assert result.output_lengths_exact

@@ -290,3 +290,23 @@ def test_cli_invalid_engine_value(model_path: str, capsys: pytest.CaptureFixture
     rc = cli_main(["generate", "--model", model_path, "--block-size", "0", "hello"])
     assert rc != 0
     assert "block_size" in capsys.readouterr().err
+
+
+def test_reset_prefix_cache_makes_a_repeated_prompt_compute_in_full(model_path: str) -> None:
+    llm = LLM(model=model_path, num_kv_blocks=64, block_size=16)
+    prompt = list(range(5, 69))  # four full blocks
+    engine = llm.engine
+
+    def computed(run: Callable[[], object]) -> int:
+        before = engine.num_prompt_tokens_computed
+        run()
+        return engine.num_prompt_tokens_computed - before
+
+    first = llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert computed(lambda: llm.generate([prompt], GREEDY, use_tqdm=False)) < len(prompt)
+    llm.reset_prefix_cache()
+    again: list[RequestOutput] = []
+    assert computed(lambda: again.extend(llm.generate([prompt], GREEDY, use_tqdm=False))) == len(
+        prompt
+    )
+    assert tokens(again) == tokens(first)
