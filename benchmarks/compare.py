@@ -6,6 +6,11 @@
     .venv/bin/python benchmarks/compare.py                    # ~25M model, full comparison
     .venv/bin/python benchmarks/compare.py --model-size 200m --engines convoy,hf-static \\
         --hf-batch-sizes 64 --workloads random
+    .venv/bin/python benchmarks/compare.py --render bench-results/compare-STAMP.json
+
+The report (``bench-results/compare-STAMP.md``, also printed) starts with a summary, each
+engine's best configuration per workload (llama.cpp per weight type), then lists every
+configuration; ``--render`` prints it again from the saved JSON.
 
 Engines (``--engines``):
 
@@ -53,7 +58,8 @@ Workloads (``--workloads``):
   scheduler limits).
 * ``sweep``: for each concurrency ``c`` in ``--concurrency``, the first ``c`` requests of the
   random workload, all at once, so exactly ``c`` sequences are in flight: convoy with
-  ``max_num_seqs >= c``, hf-static with one batch of ``c``, hf-cb with
+  ``max_num_seqs >= c`` (and for ``c <= 4`` also with ``max_num_seqs = 4``, where it keeps
+  plain weights for its matrix-vector kernel), hf-static with one batch of ``c``, hf-cb with
   ``max_requests_per_batch = c``, llama-cpp-python with ``n_parallel = c``,
   llama-batched-bench with ``-npl c``, vLLM with ``max_num_seqs = c``.
 
@@ -97,6 +103,7 @@ from convoy.bench.workloads import (  # noqa: E402
     random_workload,
     shared_prefix_workload,
 )
+from convoy.model.layers import SKINNY_MAX_ROWS  # noqa: E402
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
 TOKENIZER_VOCAB = 32000
@@ -701,6 +708,18 @@ def build_jobs(
                 cfg = f"f32, max_num_seqs={conv.max_num_seqs}"
                 b = bound(reqs, 4, conv.max_num_seqs, conv.max_num_batched_tokens)
                 jobs.append(Job(Cell(wname, "convoy", cfg, conc, bound_s=b), reqs, conv.run))
+            # At most SKINNY_MAX_ROWS streams, convoy keeps its weights in the plain layout that
+            # its matrix-vector kernel reads (linear_backend=auto); configured for the
+            # concurrency like the peers' rows are.
+            few = SKINNY_MAX_ROWS
+            if any(c is not None and c <= few for c, _ in workloads.values()):
+                small = ConvoyEngine(model_dir, few)
+                for wname, (conc, reqs) in workloads.items():
+                    if conc is not None and conc <= few:
+                        cfg = f"f32, max_num_seqs={few}"
+                        b = bound(reqs, 4, few, small.max_num_batched_tokens)
+                        cell = Cell(wname, "convoy", cfg, conc, bound_s=b)
+                        jobs.append(Job(cell, reqs, small.run))
             if SHARED_PREFIX in workloads:
                 # The same engine with its prefix cache off: what caching buys on this workload.
                 conc, reqs = workloads[SHARED_PREFIX]
@@ -950,8 +969,8 @@ def markdown_table(cells: Sequence[Cell]) -> str:
     The best configuration of an engine on a workload is marked with ``*`` (the ratio to
     use); every configuration is listed so none is silently dropped.
     """
-    convoy_tps = {c.workload: c.median_tps for c in cells if c.engine == "convoy"}
     best = best_cells(cells)
+    convoy_tps = {w: c.median_tps for (w, e), c in best.items() if e == "convoy"}
     lines = [
         "| workload | engine | config | runs | output tok/s (median) | convoy/peer "
         "| % of roofline bound | notes |",
@@ -969,6 +988,70 @@ def markdown_table(cells: Sequence[Cell]) -> str:
             f"| {_fmt(c.median_tps, '.1f')} | {_fmt(r, '.2f')} "
             f"| {_fmt(c.pct_of_bound, '.1f')} | {c.not_run or spread} |"
         )
+    return "\n".join(lines)
+
+
+def cells_from_json(path: Path) -> list[Cell]:
+    """The cells of a report this script saved (``compare-*.json``)."""
+    cells = []
+    for d in json.loads(path.read_text())["cells"]:
+        runs = [Run(r["elapsed_s"], r["num_output_tokens"]) for r in d["runs"]]
+        cells.append(
+            Cell(
+                d["workload"],
+                d["engine"],
+                d["config"],
+                d["concurrency"],
+                runs,
+                d["bound_s"],
+                d["not_run"],
+            )
+        )
+    return cells
+
+
+def report_text(header: Sequence[str], cells: Sequence[Cell]) -> str:
+    """The markdown report: header lines, the summary table, then every configuration."""
+    return (
+        "\n".join(header)
+        + "\nBest configuration of each engine, output tokens/s (median); in brackets "
+        "convoy's share of the roofline bound, and convoy/peer (> 1: convoy is faster):\n\n"
+        + summary_table(cells)
+        + "\n\nEvery configuration:\n\n"
+        + markdown_table(cells)
+        + "\n"
+    )
+
+
+def _summary_column(c: Cell) -> str:
+    # llama.cpp's weight types are different engines for the reader (f32 is the exact peer).
+    return f"{c.engine} {c.config.split(',')[0]}" if c.engine == "llama.cpp" else c.engine
+
+
+def summary_table(cells: Sequence[Cell]) -> str:
+    """One row per workload: each engine's best median output tokens/s (llama.cpp per weight
+    type), with convoy's percentage of the roofline bound and, for peers, convoy/peer."""
+    best: dict[tuple[str, str], Cell] = {}
+    for c in cells:
+        key = (c.workload, _summary_column(c))
+        if key not in best or (c.median_tps or -1) > (best[key].median_tps or -1):
+            best[key] = c
+    workloads = list(dict.fromkeys(c.workload for c in cells))
+    columns = list(dict.fromkeys(_summary_column(c) for c in cells))
+    lines = ["| workload | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for w in workloads:
+        conv = best.get((w, "convoy"))
+        conv_tps = conv.median_tps if conv is not None else None
+        row = []
+        for col in columns:
+            c = best.get((w, col))
+            if c is None or c.median_tps is None:
+                row.append("-" if c is None else "not run")
+            elif col == "convoy":
+                row.append(f"**{c.median_tps:.1f}** ({_fmt(c.pct_of_bound, '.0f')}% of bound)")
+            else:
+                row.append(f"{c.median_tps:.1f} ({_fmt(ratio(conv_tps, c.median_tps), '.2f')}x)")
+        lines.append(f"| {w} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -1067,6 +1150,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--roofline-size-mb", type=int, default=512)
     p.add_argument("--quick", action="store_true", help="tiny smoke run of every engine")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="print the report of a saved compare-*.json again (no engine is run)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.num_prompts, args.output_len = 8, 16
@@ -1089,6 +1178,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison and write the markdown table, JSON and plot."""
     args = parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        print(report_text(saved.get("report_header", []), cells_from_json(args.render)), end="")
+        return 0
     import torch
 
     if args.threads is not None:
@@ -1185,8 +1278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workload; convoy/peer > 1 means convoy is faster",
         "",
     ]
-    table = markdown_table(cells)
-    report = "\n".join(header) + "\n" + table + "\n"
+    report = report_text(header, cells)
     print()
     print(report)
     md = args.out_dir / f"compare-{stamp}.md"
@@ -1203,6 +1295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model_shape": dataclasses.asdict(shape),
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 "cells": [c.to_dict() for c in cells],
+                "report_header": header,
             },
             indent=2,
         )

@@ -158,6 +158,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None and self.qscale is not None:
+            if self.skinny_kernel is not None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS:
+                return self.skinny_kernel.skinny_linear_int8(
+                    x.contiguous(), self.qweight, self.qscale, self.bias
+                )
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.qscale

@@ -124,14 +124,22 @@ class ModelRunner:
             and self.dtype == torch.float32
         ):
             self.decode_kernel = cpu_kernels.load()
-        if model_config.quantization is None:
-            self._attach_cpu_linear_paths(model_config.linear_backend, max_num_seqs)
+        self._attach_cpu_linear_paths(model_config, max_num_seqs)
         self.generators: dict[str, torch.Generator] = {}
 
-    def _attach_cpu_linear_paths(self, backend: str, max_num_seqs: int) -> None:
+    def _attach_cpu_linear_paths(self, model_config: ModelConfig, max_num_seqs: int) -> None:
         """Give a float32 CPU model's linear layers oneDNN (packed weights when batches can be
-        large) and convoy's matrix-vector kernel for few-row products on plain weights."""
+        large) and convoy's matrix-vector kernel for few-row products on plain (or int8)
+        weights."""
+        backend = model_config.linear_backend
         if backend == "torch" or self.device.type != "cpu" or self.dtype != torch.float32:
+            return
+        if model_config.quantization is not None:
+            # int8 weights: the matrix-vector kernel for few rows, torch's int8 GEMM above.
+            skinny_only = cpu_kernels.load()
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module.skinny_kernel = skinny_only
             return
         if backend == "auto":
             # Packing drops the plain layout the matrix-vector kernel reads: worth it only when

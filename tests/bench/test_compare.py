@@ -221,3 +221,41 @@ def test_vllm_env() -> None:
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert compare.vllm_env(1, 1)["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+
+
+def test_ratios_use_convoys_best_config() -> None:
+    # Two convoy configs on one workload: peers are compared with the faster one.
+    slow = compare.Cell("c=1", "convoy", "max_num_seqs=4", 1, runs=[compare.Run(1.0, 300)])
+    fast = compare.Cell("c=1", "convoy", "max_num_seqs=128", 1, runs=[compare.Run(1.0, 400)])
+    peer = compare.Cell("c=1", "vllm-cpu", "f32", 1, runs=[compare.Run(1.0, 100)])
+    rows = compare.markdown_table([fast, slow, peer]).splitlines()[2:]
+    assert "| 4.00 |" in rows[2]  # 400 / 100, not 300 / 100
+
+
+def test_summary_table_best_per_engine_and_llamacpp_weight_type() -> None:
+    cells = [
+        compare.Cell("random", "convoy", "f32", runs=[compare.Run(2.0, 400)], bound_s=1.0),
+        compare.Cell("random", "hf", "batch=16", runs=[compare.Run(1.0, 50)]),
+        compare.Cell("random", "hf", "batch=64", runs=[compare.Run(1.0, 100)]),
+        compare.Cell("random", "llama.cpp", "f32, python", runs=[compare.Run(1.0, 80)]),
+        compare.Cell("random", "llama.cpp", "f32, bench", runs=[compare.Run(1.0, 160)]),
+        compare.Cell("random", "llama.cpp", "f16, bench", runs=[compare.Run(1.0, 400)]),
+        compare.Cell("random", "vllm", "-", not_run="not installed"),
+    ]
+    header, _, row = compare.summary_table(cells).splitlines()
+    assert header == "| workload | convoy | hf | llama.cpp f32 | llama.cpp f16 | vllm |"
+    # convoy: 400 tokens in 2 s = 200 tok/s, bound 1 s of 2 s = 50 %; hf best 100 -> 2.00x;
+    # llama.cpp f32 best 160 -> 1.25x; f16 400 -> 0.50x.
+    assert row == (
+        "| random | **200.0** (50% of bound) | 100.0 (2.00x) | 160.0 (1.25x) "
+        "| 400.0 (0.50x) | not run |"
+    )
+
+
+def test_render_rebuilds_the_report_from_saved_json(tmp_path: Path) -> None:
+    cell = compare.Cell("random", "convoy", "f32", runs=[compare.Run(2.0, 400)], bound_s=1.0)
+    saved = tmp_path / "compare-x.json"
+    saved.write_text(json.dumps({"cells": [cell.to_dict()], "report_header": ["# head", ""]}))
+    cells = compare.cells_from_json(saved)
+    assert [c.median_tps for c in cells] == [200.0]
+    assert cells[0].pct_of_bound == 50.0

@@ -78,3 +78,24 @@ def test_auto_packs_only_when_batches_outgrow_the_matrix_vector_kernel(
 def test_unknown_linear_backend_is_refused(make_checkpoint: Callable[..., Path]) -> None:
     with pytest.raises(ValueError, match="linear_backend must be one of"):
         LLM(model=str(make_checkpoint("llama")), linear_backend="fast")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [1, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1])
+def test_int8_matrix_vector_kernel_equals_torchs_int8_product(bias: bool, rows: int) -> None:
+    kernel = cpu_kernels.load()
+    if kernel is None:
+        pytest.skip("convoy's CPU kernels could not be built here")
+    layer = _layer(bias)
+    layer.quantize_int8()
+    assert layer.qweight is not None and layer.qscale is not None
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        # The dequantized weight, exactly: int8 values times their row's scale.
+        w = layer.qweight.double() * layer.qscale.double()[:, None]
+        want = x.double() @ w.t()
+        if layer.bias is not None:
+            want = want + layer.bias.double()
+        layer.skinny_kernel = kernel
+        got = layer(x)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

@@ -7,9 +7,13 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
                             torch::Tensor context_lens, int64_t block_size, double scale,
                             int64_t window);
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
+                                 c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention over a paged float32 KV cache (CPU)");
   m.def("skinny_linear", &skinny_linear, "x W^T + b for a few rows of x, float32 (CPU)");
+  m.def("skinny_linear_int8", &skinny_linear_int8,
+        "x (Wq * scale)^T + b for a few rows of x, int8 weights with per-row scales (CPU)");
 }
