@@ -128,25 +128,18 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
 
     def _attach_cpu_linear_paths(self, model_config: ModelConfig, max_num_seqs: int) -> None:
-        """Give a float32 CPU model's linear layers oneDNN (packed weights when batches can be
-        large) and convoy's matrix-vector kernel for few-row products on plain (or int8)
-        weights."""
+        """Give a float32 CPU model's linear layers convoy's matrix-vector kernel for few-row
+        products on plain (or int8) weights and, unquantized, oneDNN for the rest (packed
+        weights when batches can be large); int8 layers keep torch's int8 GEMM for the rest."""
         backend = model_config.linear_backend
         if backend == "torch" or self.device.type != "cpu" or self.dtype != torch.float32:
-            return
-        if model_config.quantization is not None:
-            # int8 weights: the matrix-vector kernel for few rows, torch's int8 GEMM above.
-            skinny_only = cpu_kernels.load()
-            for module in self.model.modules():
-                if isinstance(module, Linear):
-                    module.skinny_kernel = skinny_only
             return
         if backend == "auto":
             # Packing drops the plain layout the matrix-vector kernel reads: worth it only when
             # batches can outgrow what that kernel takes.
             backend = "packed" if max_num_seqs > SKINNY_MAX_ROWS else "plain"
         skinny = cpu_kernels.load()
-        onednn = onednn_available()
+        onednn = model_config.quantization is None and onednn_available()
         # A weight an embedding also reads (a tied head) must keep its plain layout.
         shared = {
             p.data_ptr()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convoy import LLM
+from convoy import LLM, SamplingParams
 from convoy.model import cpu_kernels
 from convoy.model.layers import SKINNY_MAX_ROWS, Linear, onednn_available
 
@@ -99,3 +99,30 @@ def test_int8_matrix_vector_kernel_equals_torchs_int8_product(bias: bool, rows: 
         layer.skinny_kernel = kernel
         got = layer(x)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_model_runs_every_linear_on_int8_weights_close_to_float32(
+    make_checkpoint: Callable[..., Path],
+) -> None:
+    path = str(make_checkpoint("llama"))
+    prompt = list(range(5, 45))
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    f32 = LLM(model=path, max_model_len=128)
+    int8 = LLM(model=path, max_model_len=128, quantization="int8")
+    linears = [m for m in int8.engine.runner.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.qweight is not None and m.weight.numel() == 0 for m in linears)
+    if cpu_kernels.load() is not None:
+        assert all(m.skinny_kernel is not None for m in linears)
+    # Prompt logprobs (a 40-row product: torch's int8 GEMM) and a decode (one row: the
+    # matrix-vector kernel) stay close to float32's.
+    got, want = (llm.generate([prompt], params, use_tqdm=False)[0] for llm in (int8, f32))
+    assert got.prompt_logprobs is not None and want.prompt_logprobs is not None
+    diffs = [
+        abs(g[t].logprob - w[t].logprob)
+        for g, w, t in zip(
+            got.prompt_logprobs[1:], want.prompt_logprobs[1:], prompt[1:], strict=True
+        )
+    ]
+    # Per-row int8 rounding of a random-weight model: ~0.01 on average here, 0.05 at most.
+    assert sum(diffs) / len(diffs) < 0.03 and max(diffs) < 0.2, diffs
+    assert got.outputs[0].finish_reason == "length" and len(got.outputs[0].token_ids) == 1
