@@ -545,16 +545,18 @@ def llamacpp_status(python: str) -> str | None:
             return f"not run: llama-cpp-python build failed (see {LLAMACPP_BUILD_LOG})"
     if not Path(python).exists():
         return f"not run: {python} does not exist"
+    error = import_error(python, "llama_cpp", timeout=120)
+    return None if error is None else f"not run: cannot import llama_cpp ({error})"
+
+
+def import_error(python: str, module: str, timeout: float) -> str | None:
+    """``None`` when ``python`` imports ``module``; else the last line of its error."""
     proc = subprocess.run(
-        [python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [python, "-c", f"import {module}"], capture_output=True, text=True, timeout=timeout
     )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return f"not run: cannot import llama_cpp ({last})"
-    return None
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip().splitlines() or ["?"])[-1]
 
 
 def llamacpp_tools_status(binary: Path) -> str | None:
@@ -572,16 +574,10 @@ def vllm_status(python: str) -> str | None:
     """``None`` when ``python`` imports vllm; otherwise why not, with the install recipe."""
     if not Path(python).exists():
         return f"not run: {python} does not exist (install: {VLLM_INSTALL})"
-    proc = subprocess.run(
-        [python, "-c", "import vllm; print(vllm.__version__)"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    error = import_error(python, "vllm", timeout=300)
+    return (
+        None if error is None else f"not run: cannot import vllm ({error}; install: {VLLM_INSTALL})"
     )
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return f"not run: cannot import vllm ({last}; install: {VLLM_INSTALL})"
-    return None
 
 
 def vllm_env(threads: int, kvcache_gib: int) -> dict[str, str]:
