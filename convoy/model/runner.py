@@ -122,6 +122,7 @@ class ModelRunner:
             model_config.attention_backend == "auto"
             and self.device.type == "cpu"
             and self.dtype == torch.float32
+            and arch.head_dim % 8 == 0  # the kernel works in 8-float vectors
         ):
             self.decode_kernel = cpu_kernels.load()
         self._attach_cpu_linear_paths(model_config, max_num_seqs)

@@ -53,17 +53,20 @@ def test_split_softmax_equals_plain_attention(heads: int, kv_heads: int) -> None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (4, 1)])
+# Query heads per kv head 1, 3, 2 and 4 (the kernel tiles 1, 1, 2 and 4 of them together).
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (8, 4), (4, 1)])
 @pytest.mark.parametrize("window", [None, 1, 7, 1000])
+# Tiles of 4-16 positions against blocks smaller, larger and not a multiple of them.
+@pytest.mark.parametrize(("dim", "block_size"), [(16, 4), (64, 16), (24, 5)])
 def test_paged_kernel_equals_gathered_attention(
-    heads: int, kv_heads: int, window: int | None
+    heads: int, kv_heads: int, window: int | None, dim: int, block_size: int
 ) -> None:
     """The kernel reads K/V through scattered block tables of ragged lengths (1 token to
     several blocks, a partly filled last block) and matches the gather-and-matmul path."""
     kernel = cpu_kernels.load()
     assert kernel is not None, cpu_kernels.unavailable_reason()
     gen = torch.Generator().manual_seed(1)
-    block_size, num_blocks, dim = 4, 40, 16
+    num_blocks = 40
     pad = num_blocks * block_size
     k_cache = torch.randn(pad + 1, kv_heads, dim, generator=gen)
     v_cache = torch.randn(pad + 1, kv_heads, dim, generator=gen)
@@ -100,3 +103,13 @@ def test_paged_kernel_equals_gathered_attention(
     want = paged_attention(q, k_cache, v_cache, gathered, 0.25, window)
     got = paged_attention(q, k_cache, v_cache, paged, 0.25, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_paged_kernel_refuses_a_head_dim_it_cannot_tile() -> None:
+    kernel = cpu_kernels.load()
+    assert kernel is not None, cpu_kernels.unavailable_reason()
+    q = torch.zeros(1, 2, 12)
+    cache = torch.zeros(9, 2, 12)
+    table, lens = torch.zeros(1, 2, dtype=torch.long), torch.tensor([3])
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        kernel.paged_decode_attention(torch.empty_like(q), q, cache, cache, table, lens, 4, 1.0, 0)

@@ -17,43 +17,57 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "vec.h"
 
 namespace {
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
+using convoy::load8;
+using convoy::splat8;
+using convoy::store8;
+using convoy::vf8;
 
-// Four dot products of q with k0..k3, scaled, into s[0..3].
-inline void dot4(const float* __restrict q, const float* __restrict k0, const float* __restrict k1,
-                 const float* __restrict k2, const float* __restrict k3, int64_t n, float scale,
-                 float* __restrict s) {
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t i = 0; i < n; ++i) {
-    const float qi = q[i];
-    a0 += qi * k0[i];
-    a1 += qi * k1[i];
-    a2 += qi * k2[i];
-    a3 += qi * k3[i];
+// Scores of NG query heads (rows of q, q_stride apart) against NP = 16 / NG keys: the 16 dot
+// products q_i . k_j of a tile, summed horizontally together, into s[i * NP + j].
+template <int NG>
+inline void score_tile(const float* q, int64_t q_stride, const float* const* keys,
+                       int64_t head_dim, float* s) {
+  constexpr int NP = 16 / NG;
+  vf8 acc[2][8] = {};
+  for (int64_t d = 0; d < head_dim; d += 8) {
+    vf8 k[NP];
+    for (int j = 0; j < NP; ++j) k[j] = load8(keys[j] + d);
+    for (int i = 0; i < NG; ++i) {
+      const vf8 qv = load8(q + i * q_stride + d);
+      for (int j = 0; j < NP; ++j) acc[(i * NP + j) / 8][(i * NP + j) % 8] += qv * k[j];
+    }
   }
-  s[0] = a0 * scale;
-  s[1] = a1 * scale;
-  s[2] = a2 * scale;
-  s[3] = a3 * scale;
+  store8(s, convoy::reduce8(acc[0]));
+  store8(s + 8, convoy::reduce8(acc[1]));
 }
 
-// y += w[0] v0 + w[1] v1 + w[2] v2 + w[3] v3.
-inline void axpy4(float* __restrict y, const float* __restrict v0, const float* __restrict v1,
-                  const float* __restrict v2, const float* __restrict v3,
-                  const float* __restrict w, int64_t n) {
-  const float w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += w0 * v0[i] + w1 * v1[i] + w2 * v2[i] + w3 * v3[i];
+// y[0, n) += w[0] v0 + ... + w[NP-1] v_{NP-1}, n a multiple of 8.
+template <int NP>
+inline void add_weighted(float* __restrict y, const float* const* v, const float* w, int64_t n) {
+  vf8 ws[NP];
+  for (int j = 0; j < NP; ++j) ws[j] = splat8(w[j]);
+  for (int64_t d = 0; d < n; d += 8) {
+    vf8 acc = load8(y + d);
+    for (int j = 0; j < NP; ++j) acc += ws[j] * load8(v[j] + d);
+    store8(y + d, acc);
+  }
+}
+
+// Asks for [p, p + bytes) to be brought into L2 ahead of use. Blocks are scattered and a
+// context walks each for only a few kilobytes, too short for the hardware prefetcher to ramp
+// up: without this the kernel waits on memory latency, not bandwidth (about 2.5x slower).
+// Into L2, not L1: a kilobyte-long row at once overflows L1's few outstanding misses, and
+// then the prefetches themselves stall the loop.
+inline void prefetch(const float* p, int64_t bytes) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max), written so the compiler vectorizes
@@ -77,14 +91,107 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-inline void axpy(float* __restrict y, const float* __restrict x, float w, int64_t n) {
+// The cache and batch as the kernel reads them; one work item attends query heads
+// [h0 * group, h1 * group) of one sequence.
+struct Batch {
+  const float* q;
+  float* out;
+  const float* k;
+  const float* v;
+  int64_t ks, kh, vs, vh;  // strides of the caches' slot and kv head dimensions
+  const int64_t* tables;
+  const int64_t* lens;
+  int64_t max_blocks, block_size, num_heads, head_dim, group, window;
+  float scale;
+};
+
+template <int NG>
+void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<float>& scores) {
+  constexpr int NP = 16 / NG;
+  const int64_t head_dim = bt.head_dim, group = bt.group, block_size = bt.block_size;
+  const int64_t heads = (h1 - h0) * group;  // query heads of this item
+  const int64_t len = bt.lens[seq];
+  const int64_t first = bt.window > 0 ? std::max<int64_t>(0, len - bt.window) : 0;
+  const int64_t n = len - first;
+  const int64_t* table = bt.tables + seq * bt.max_blocks;
+  const float* qh = bt.q + (seq * bt.num_heads + h0 * group) * head_dim;
+  float* oh = bt.out + (seq * bt.num_heads + h0 * group) * head_dim;
+  if (n <= 0) {
+    std::fill(oh, oh + heads * head_dim, 0.f);
+    return;
+  }
+  scores.resize(heads * n);
+
+  // Scores q . k, block by block, NP positions by NG query heads per tile, all kv heads of a
+  // position before the next so memory is read in order. A tile running past the block
+  // repeats its last position (a read inside the block, lanes discarded).
+  const int64_t row_bytes = ((h1 - h0 - 1) * bt.kh + head_dim) * sizeof(float);
+  auto row = [&](const float* cache, int64_t stride, int64_t b, int64_t p) {
+    // Position p of block b (kv head h0); b past the context wraps to a harmless block.
+    return cache + (table[std::min(b, (len - 1) / block_size)] * block_size + p % block_size) *
+                       stride;
+  };
+  for (int64_t b = first / block_size; b * block_size < len; ++b) {
+    const int64_t lo = std::max(first, b * block_size), hi = std::min(len, (b + 1) * block_size);
+    for (int64_t p = lo; p < hi; p += NP) {
+      for (int j = 0; j < NP; ++j) prefetch(row(bt.k, bt.ks, b + 1, p + j) + h0 * bt.kh, row_bytes);
+      const int64_t count = std::min<int64_t>(NP, hi - p);
+      for (int64_t kvh = h0; kvh < h1; ++kvh) {
+        const int64_t hq = (kvh - h0) * group;  // this kv head's first query head in the item
+        const float* keys[NP];
+        for (int j = 0; j < NP; ++j)
+          keys[j] = row(bt.k, bt.ks, b, std::min(p + j, hi - 1)) + kvh * bt.kh;
+        for (int64_t g = 0; g < group; g += NG) {
+          float tile[16];
+          score_tile<NG>(qh + (hq + g) * head_dim, head_dim, keys, head_dim, tile);
+          for (int i = 0; i < NG; ++i) {
+            float* dst = scores.data() + (hq + g + i) * n + (p - first);
+            for (int64_t j = 0; j < count; ++j) dst[j] = tile[i * NP + j] * bt.scale;
+          }
+        }
+      }
+    }
+  }
+  // Softmax per query head.
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores.data() + h * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      s[i] = exp_nonpositive(s[i] - mx);
+      sum += s[i];
+    }
+    const float inv = 1.f / sum;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+    for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+  }
+  // Weighted sum of values, in position order like the scores, four positions per pass (one
+  // load and store of the accumulator per four values).
+  std::fill(oh, oh + heads * head_dim, 0.f);
+  for (int64_t b = first / block_size; b * block_size < len; ++b) {
+    const int64_t lo = std::max(first, b * block_size), hi = std::min(len, (b + 1) * block_size);
+    int64_t p = lo;
+    auto add = [&](auto positions) {
+      constexpr int NV = decltype(positions)::value;
+      for (int j = 0; j < NV; ++j) prefetch(row(bt.v, bt.vs, b + 1, p + j) + h0 * bt.vh, row_bytes);
+      for (int64_t kvh = h0; kvh < h1; ++kvh) {
+        const float* values[NV];
+        for (int j = 0; j < NV; ++j) values[j] = row(bt.v, bt.vs, b, p + j) + kvh * bt.vh;
+        for (int64_t h = (kvh - h0) * group; h < (kvh - h0 + 1) * group; ++h)
+          add_weighted<NV>(oh + h * head_dim, values, scores.data() + h * n + (p - first),
+                           head_dim);
+      }
+    };
+    for (; p + 4 <= hi; p += 4) add(std::integral_constant<int, 4>{});
+    for (; p < hi; ++p) add(std::integral_constant<int, 1>{});
+  }
 }
 
 }  // namespace
 
-// out, q: (D, H, Dh); k_cache, v_cache: (S, Hkv, Dh) with unit stride on Dh;
+// out, q: (D, H, Dh); k_cache, v_cache: (S, Hkv, Dh) with unit stride on Dh, Dh a multiple of 8;
 // block_tables: (D, B) int64; context_lens: (D,) int64 (the query sits at position len-1);
 // window <= 0 means no sliding window, else keys at positions >= len - window are attended.
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
@@ -96,134 +203,54 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
               "the KV cache must be float32");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "q and out must be contiguous");
   TORCH_CHECK(k_cache.stride(2) == 1 && v_cache.stride(2) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(q.size(2) % 8 == 0, "head_dim must be a multiple of 8");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous());
   TORCH_CHECK(context_lens.scalar_type() == torch::kInt64 && context_lens.is_contiguous());
 
   const int64_t num_seqs = q.size(0);
   const int64_t num_heads = q.size(1);
-  const int64_t head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1);
   TORCH_CHECK(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t max_blocks = block_tables.size(1);
-  const int64_t num_slots = k_cache.size(0);
-
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t ks = k_cache.stride(0), kh = k_cache.stride(1);
-  const int64_t vs = v_cache.stride(0), vh = v_cache.stride(1);
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  const float fscale = static_cast<float>(scale);
+  const Batch bt{q.data_ptr<float>(),
+                 out.data_ptr<float>(),
+                 k_cache.data_ptr<float>(),
+                 v_cache.data_ptr<float>(),
+                 k_cache.stride(0),
+                 k_cache.stride(1),
+                 v_cache.stride(0),
+                 v_cache.stride(1),
+                 block_tables.data_ptr<int64_t>(),
+                 context_lens.data_ptr<int64_t>(),
+                 block_tables.size(1),
+                 block_size,
+                 num_heads,
+                 q.size(2),
+                 num_heads / num_kv_heads,
+                 window,
+                 static_cast<float>(scale)};
 
   // Validate every block id a sequence will read once, outside the hot loop.
-  const int64_t num_blocks = num_slots / block_size;
+  const int64_t num_blocks = k_cache.size(0) / block_size;
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
-    const int64_t used = (lens[seq] + block_size - 1) / block_size;
-    TORCH_CHECK(used <= max_blocks, "context longer than its block table");
+    const int64_t used = (bt.lens[seq] + block_size - 1) / block_size;
+    TORCH_CHECK(used <= bt.max_blocks, "context longer than its block table");
     for (int64_t b = 0; b < used; ++b) {
-      const int64_t blk = tables[seq * max_blocks + b];
+      const int64_t blk = bt.tables[seq * bt.max_blocks + b];
       TORCH_CHECK(blk >= 0 && blk < num_blocks, "block id out of range");
     }
   }
 
-  // One work item is a sequence with all its kv heads, so a thread reads each slot's keys
-  // (all heads, contiguous) in one sweep; with fewer sequences than threads, items split a
-  // sequence by kv head instead so every thread has work.
+  // Query heads per tile: as many of a kv head's group (up to 4) as divide it evenly.
+  const auto run = bt.group % 4 == 0 ? attend<4> : bt.group % 2 == 0 ? attend<2> : attend<1>;
+  // One work item is a sequence with all its kv heads; with fewer sequences than threads,
+  // items split a sequence by kv head instead so every thread has work.
   const int64_t splits = num_seqs >= at::get_num_threads() ? 1 : num_kv_heads;
   at::parallel_for(0, num_seqs * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> acc;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / splits;
       const int64_t h0 = splits == 1 ? 0 : item % splits;
-      const int64_t h1 = splits == 1 ? num_kv_heads : h0 + 1;
-      const int64_t heads = (h1 - h0) * group;  // query heads of this item
-      const int64_t len = lens[seq];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first;
-      const int64_t* table = tables + seq * max_blocks;
-      const float* qh = qp + (seq * num_heads + h0 * group) * head_dim;
-      float* oh = op + (seq * num_heads + h0 * group) * head_dim;
-      if (n <= 0) {
-        std::fill(oh, oh + heads * head_dim, 0.f);
-        continue;
-      }
-      scores.resize(heads * n);
-      acc.assign(heads * head_dim, 0.f);
-
-      // Scores q . k for every attended position, block by block. Four positions per pass:
-      // four independent accumulations keep the FMA units busy (one dot alone is
-      // latency-bound); each key is read once for all query heads sharing its kv head.
-      for (int64_t b = first / block_size; b * block_size < len; ++b) {
-        const int64_t lo = std::max(first, b * block_size), hi = std::min(len, (b + 1) * block_size);
-        const float* base = kp + (table[b] - b) * block_size * ks;  // + p * ks = position p
-        int64_t p = lo;
-        for (; p + 4 <= hi; p += 4) {
-          for (int64_t kvh = h0; kvh < h1; ++kvh) {
-            const float* k0 = base + p * ks + kvh * kh;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t h = (kvh - h0) * group + g;
-              dot4(qh + h * head_dim, k0, k0 + ks, k0 + 2 * ks, k0 + 3 * ks, head_dim, fscale,
-                   scores.data() + h * n + (p - first));
-            }
-          }
-        }
-        for (; p < hi; ++p) {
-          for (int64_t kvh = h0; kvh < h1; ++kvh) {
-            const float* key = base + p * ks + kvh * kh;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t h = (kvh - h0) * group + g;
-              scores[h * n + (p - first)] = dot(qh + h * head_dim, key, head_dim) * fscale;
-            }
-          }
-        }
-      }
-      // Softmax per query head.
-      for (int64_t h = 0; h < heads; ++h) {
-        float* s = scores.data() + h * n;
-        float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n; ++i) {
-          s[i] = exp_nonpositive(s[i] - mx);
-          sum += s[i];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) s[i] *= inv;
-      }
-      // Weighted sum of values, four positions per pass (one load and store of the
-      // accumulator per four values instead of per value).
-      for (int64_t b = first / block_size; b * block_size < len; ++b) {
-        const int64_t lo = std::max(first, b * block_size), hi = std::min(len, (b + 1) * block_size);
-        const float* base = vp + (table[b] - b) * block_size * vs;
-        int64_t p = lo;
-        for (; p + 4 <= hi; p += 4) {
-          for (int64_t kvh = h0; kvh < h1; ++kvh) {
-            const float* v0 = base + p * vs + kvh * vh;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t h = (kvh - h0) * group + g;
-              axpy4(acc.data() + h * head_dim, v0, v0 + vs, v0 + 2 * vs, v0 + 3 * vs,
-                    scores.data() + h * n + (p - first), head_dim);
-            }
-          }
-        }
-        for (; p < hi; ++p) {
-          for (int64_t kvh = h0; kvh < h1; ++kvh) {
-            const float* value = base + p * vs + kvh * vh;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t h = (kvh - h0) * group + g;
-              axpy(acc.data() + h * head_dim, value, scores[h * n + (p - first)], head_dim);
-            }
-          }
-        }
-      }
-      std::copy(acc.begin(), acc.end(), oh);
+      run(bt, seq, h0, splits == 1 ? num_kv_heads : h0 + 1, scores);
     }
   });
 }
