@@ -12,52 +12,37 @@
 
 #include <algorithm>
 
+#include "vec.h"
+
 namespace {
+
+using convoy::load8;
+using convoy::vf8;
 
 // out (M, N) = x (M, K) W^T * scale (per row of W, if given) + bias (if given).
 template <typename WT>
 void skinny_rows(const float* xp, const WT* wp, const float* sp, const float* bp, float* op,
                  int64_t M, int64_t K, int64_t N) {
-  constexpr int64_t R = 4;  // rows of W per pass: each element of x is loaded once per R rows
-  auto finish = [&](int64_t n, float acc) {
-    return acc * (sp ? sp[n] : 1.f) + (bp ? bp[n] : 0.f);
-  };
-  at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+  constexpr int64_t R = 8;  // rows of W per pass: each element of x is loaded once per R rows
+  const int64_t K8 = K - K % 8;
+  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * R;
-      if (n0 + R <= N) {
-        const WT* w0 = wp + n0 * K;
-        const WT* w1 = w0 + K;
-        const WT* w2 = w1 + K;
-        const WT* w3 = w2 + K;
-        for (int64_t m = 0; m < M; ++m) {
-          const float* xm = xp + m * K;
-          float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-          for (int64_t k = 0; k < K; ++k) {
-            const float xv = xm[k];
-            a0 += xv * static_cast<float>(w0[k]);
-            a1 += xv * static_cast<float>(w1[k]);
-            a2 += xv * static_cast<float>(w2[k]);
-            a3 += xv * static_cast<float>(w3[k]);
-          }
-          float* o = op + m * N + n0;
-          o[0] = finish(n0, a0);
-          o[1] = finish(n0 + 1, a1);
-          o[2] = finish(n0 + 2, a2);
-          o[3] = finish(n0 + 3, a3);
+      const int64_t n0 = blk * R, rows = std::min(R, N - n0);
+      const WT* w[R];  // past N, the last row again (its sums are not stored)
+      for (int64_t r = 0; r < R; ++r) w[r] = wp + std::min(n0 + r, N - 1) * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = xp + m * K;
+        vf8 acc[R] = {};
+        for (int64_t k = 0; k < K8; k += 8) {
+          const vf8 xv = load8(xm + k);
+          for (int64_t r = 0; r < R; ++r) acc[r] += xv * load8(w[r] + k);
         }
-      } else {
-        for (int64_t n = n0; n < N; ++n) {
-          const WT* wn = wp + n * K;
-          for (int64_t m = 0; m < M; ++m) {
-            const float* xm = xp + m * K;
-            float a = 0.f;
-#pragma omp simd reduction(+ : a)
-            for (int64_t k = 0; k < K; ++k) a += xm[k] * static_cast<float>(wn[k]);
-            op[m * N + n] = finish(n, a);
-          }
-        }
+        vf8 sums = convoy::reduce8(acc);  // lane r: row n0 + r
+        for (int64_t k = K8; k < K; ++k)
+          for (int64_t r = 0; r < R; ++r) sums[r] += xm[k] * static_cast<float>(w[r][k]);
+        float* o = op + m * N + n0;
+        for (int64_t r = 0; r < rows; ++r)
+          o[r] = sums[r] * (sp ? sp[n0 + r] : 1.f) + (bp ? bp[n0 + r] : 0.f);
       }
     }
   });
