@@ -6,8 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from convoy import LLM, SamplingParams
+from convoy.model.sampler import Sampler, SamplingRow
 
 PROMPT = [5, 17, 42, 99, 123, 7]
 
@@ -129,3 +131,36 @@ def test_logprobs_top_k_shape(llm: LLM) -> None:
 def test_invalid_sampling_params_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampler_draws_follow_the_distribution(seeded: bool) -> None:
+    """4000 draws from a known distribution (after temperature and min_p) land on each token
+    about as often as its probability says, and never on a token of probability zero."""
+    want = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0, 0.0])
+    logits = torch.log(want).clamp(min=-1e4)
+    # Temperature 0.5 squares the probabilities (renormalized); min_p 0.05 then cuts the tokens
+    # below 0.05 * max, here the one of 0.1 ** 2 / sum.
+    tempered = want**2 / (want**2).sum()
+    tempered[tempered < 0.05 * tempered.max()] = 0
+    tempered /= tempered.sum()
+    sampler = Sampler(vocab_size=6, device=torch.device("cpu"), seed=0)
+    params = SamplingParams(temperature=0.5, min_p=0.05)
+    draws = []
+    for step in range(40):
+        rows = [
+            SamplingRow(
+                params=params,
+                prompt_token_ids=[1],
+                output_token_ids=[],
+                eos_token_ids=frozenset(),
+                generator=torch.Generator().manual_seed(1000 * step + i) if seeded else None,
+            )
+            for i in range(100)
+        ]
+        tokens, _ = sampler(logits.expand(100, -1).clone(), rows)
+        draws += tokens
+    freq = torch.bincount(torch.tensor(draws), minlength=6).double() / len(draws)
+    assert freq[tempered == 0].sum() == 0
+    # Binomial standard deviation of a frequency is at most 0.008 here: 4 sigma.
+    torch.testing.assert_close(freq, tempered.double(), atol=0.032, rtol=0)
