@@ -4,7 +4,9 @@
 // no gathered copy of the context, no padding to the longest sequence in the batch. Work is
 // split over sequences (or (sequence, kv head) pairs when there are fewer sequences than
 // threads); the query heads sharing a kv head (GQA) are handled together so every key and
-// value vector is read once for all of them.
+// value vector is read once for all of them. Scores are computed in tiles of 16 dot products
+// summed horizontally together; each sequence walks its blocks in order while the next block
+// is prefetched (the blocks are scattered, so the hardware prefetcher cannot see it coming).
 //
 // Softmax is computed the plain way (scores, max, exp, sum, weighted sum of values) in
 // float32, like the reference implementation, so results match it to float rounding.
@@ -127,7 +129,8 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
   // repeats its last position (a read inside the block, lanes discarded).
   const int64_t row_bytes = ((h1 - h0 - 1) * bt.kh + head_dim) * sizeof(float);
   auto row = [&](const float* cache, int64_t stride, int64_t b, int64_t p) {
-    // Position p of block b (kv head h0); b past the context wraps to a harmless block.
+    // Position p (its offset in the block) of block b; a b past the context is clamped to
+    // the last block, so prefetching "the next block" at the end stays inside the cache.
     return cache + (table[std::min(b, (len - 1) / block_size)] * block_size + p % block_size) *
                        stride;
   };
