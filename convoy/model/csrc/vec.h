@@ -42,12 +42,6 @@ inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline vf8 splat8(float x) { return vf8{x, x, x, x, x, x, x, x}; }
 
-inline float hsum8(vf8 v) {
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
-  return s;
-}
-
 // Lane i of the result is the sum of x[i]'s eight lanes: eight horizontal sums in 21
 // shuffles and adds (a transpose folded into the additions) instead of eight separate ones.
 inline vf8 reduce8(const vf8 (&x)[8]) {
