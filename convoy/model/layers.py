@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -16,12 +16,41 @@ from torch.nn import functional as F
 
 
 class RMSNorm(nn.Module):
+    """``weight * x / rms(x)``; given the residual stream too, adds ``x`` to it first (the
+    decoder's "residual + sublayer output, normalized for the next sublayer") and returns both.
+
+    ``kernel`` (convoy's CPU kernels, set by the runner for float32 CPU models) does either in
+    one pass, the add in place; otherwise torch ops do it the way transformers does.
+    """
+
+    kernel: Any = None
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @overload
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
+    @overload
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel is not None and x.dim() == 2:
+            if residual is None:
+                return self.kernel.rms_norm(x, self.weight, self.eps)
+            # Both are this step's own tensors (a sublayer's output, the residual stream).
+            self.kernel.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is None:
+            return self._norm(x)
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -52,7 +81,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to ``max_positions``, looked up by position id."""
+    """cos/sin tables for every position up to ``max_positions``, looked up by position id.
+
+    With ``kernel`` (set by the runner for float32 CPU models) q and k are rotated in place.
+    """
+
+    kernel: Any = None
 
     def __init__(
         self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int
@@ -77,6 +111,9 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: (T, H, D), k: (T, Hkv, D), positions: (T,)
+        if self.kernel is not None:
+            self.kernel.rotary_embedding(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # (T, 1, D)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -182,17 +219,27 @@ class Linear(nn.Linear):
 
 
 class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with gate and up fused into one matmul."""
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into one matmul.
+
+    ``kernel`` (set by the runner for float32 CPU models) computes ``silu(gate) * up`` in one
+    pass.
+    """
+
+    kernel: Any = None
 
     def __init__(self, hidden: int, intermediate: int, act: str, bias: bool) -> None:
         super().__init__()
         if act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {act!r} is not supported ({sorted(_ACTIVATIONS)})")
         self.act = _ACTIVATIONS[act]
+        self.fusable = act == "silu"
         self.intermediate = intermediate
         self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # (T, I) each
+        gate_up = self.gate_up_proj(x)  # (T, 2I)
+        if self.kernel is not None and self.fusable and gate_up.dim() == 2:
+            return self.down_proj(self.kernel.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)  # (T, I) each
         return self.down_proj(self.act(gate) * up)

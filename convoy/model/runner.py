@@ -14,7 +14,14 @@ from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
 from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
 from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
-from convoy.model.layers import SKINNY_MAX_ROWS, Linear, onednn_available
+from convoy.model.layers import (
+    SKINNY_MAX_ROWS,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    onednn_available,
+)
 from convoy.model.loader import load_model
 from convoy.model.quantization import quantize_model_int8
 from convoy.model.sampler import Sampler, SamplingRow, TopLogprobs, gather_logprobs
@@ -126,6 +133,7 @@ class ModelRunner:
         ):
             self.decode_kernel = cpu_kernels.load()
         self._attach_cpu_linear_paths(model_config, max_num_seqs)
+        self._attach_cpu_elementwise_kernels()
         self.generators: dict[str, torch.Generator] = {}
 
     def _attach_cpu_linear_paths(self, model_config: ModelConfig, max_num_seqs: int) -> None:
@@ -156,6 +164,18 @@ class ModelRunner:
                     pack=backend == "packed" and module.weight.data_ptr() not in shared
                 )
             module.skinny_kernel = skinny
+
+    def _attach_cpu_elementwise_kernels(self) -> None:
+        """Give a float32 CPU model's norms, rotary embedding and MLP activation convoy's fused
+        kernels (one pass over memory each instead of several torch ops)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            return
+        for module in self.model.modules():
+            if isinstance(module, RMSNorm | RotaryEmbedding | GatedMLP):
+                module.kernel = kernels
 
     # -- per-request state -------------------------------------------------------------------
     def _generator(self, s: ScheduledRequest) -> torch.Generator | None:

@@ -9,6 +9,12 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
                                  c10::optional<torch::Tensor> bias);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
+                        double eps);
+torch::Tensor silu_and_mul(torch::Tensor gate_up);
+void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k, torch::Tensor cos,
+                      torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -16,4 +22,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "x W^T + b for a few rows of x, float32 (CPU)");
   m.def("skinny_linear_int8", &skinny_linear_int8,
         "x (Wq * scale)^T + b for a few rows of x, int8 weights with per-row scales (CPU)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row, float32 (CPU)");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm,
+        "In place: residual += x, x = RMSNorm(residual), float32 (CPU)");
+  m.def("silu_and_mul", &silu_and_mul, "(N, 2I) gate|up -> silu(gate) * up, float32 (CPU)");
+  m.def("rotary_embedding", &rotary_embedding,
+        "Rotary embedding of q and k in place at the given positions, float32 (CPU)");
 }
