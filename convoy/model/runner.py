@@ -167,12 +167,14 @@ class ModelRunner:
 
     def _attach_cpu_elementwise_kernels(self) -> None:
         """Give a float32 CPU model's norms, rotary embedding and MLP activation convoy's fused
-        kernels (one pass over memory each instead of several torch ops)."""
+        kernels (one pass over memory each instead of several torch ops), and the sampler its
+        argmax."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return
         kernels = cpu_kernels.load()
         if kernels is None:
             return
+        self.sampler.kernel = kernels
         for module in self.model.modules():
             if isinstance(module, RMSNorm | RotaryEmbedding | GatedMLP):
                 module.kernel = kernels

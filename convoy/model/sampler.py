@@ -15,6 +15,7 @@ its own generator, so its tokens do not depend on which other requests share the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,6 +59,9 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
 
 
 class Sampler:
+    # convoy's CPU kernels (set by the runner on the CPU): a vectorized argmax.
+    kernel: Any = None
+
     def __init__(self, vocab_size: int, device: torch.device, seed: int) -> None:
         self.vocab_size = vocab_size
         self.device = device
@@ -76,7 +80,10 @@ class Sampler:
         if any(_constrained(r) for r in rows):
             logits = self._apply_constraints(logits.clone(), rows)
         greedy = torch.tensor([r.params.greedy for r in rows], device=self.device)
-        tokens = logits.argmax(dim=-1)  # (N,)
+        if self.kernel is not None and logits.dtype == torch.float32:
+            tokens = self.kernel.argmax_rows(logits)  # (N,), the same ids as argmax
+        else:
+            tokens = logits.argmax(dim=-1)
         if not bool(greedy.all()):
             sampled = self._sample(logits, rows)
             tokens = torch.where(greedy, tokens, sampled)

@@ -92,3 +92,19 @@ def test_rotary_refuses_positions_outside_its_table() -> None:
     q, k = torch.randn(2, 2, 8), torch.randn(2, 1, 8)
     with pytest.raises(RuntimeError, match="outside the rotary table"):
         kernels.rotary_embedding(torch.tensor([3, 16]), q, k, rotary.cos, rotary.sin)
+
+
+@pytest.mark.parametrize("vocab", [32000, 13, 1])
+def test_argmax_rows_matches_torch_on_ties_nan_and_inf(vocab: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(9, vocab)
+    if vocab > 1:
+        x[1, vocab // 2 :] = x[1].max() + 1  # ties: the first wins
+        x[2, :] = float("-inf")  # nothing finite
+        x[3, vocab - 1] = float("nan")  # NaN counts as the largest
+        x[4, vocab // 2] = float("nan")
+        x[4, 0] = float("inf")
+        x[5, :] = 0.0
+    # Rows of a wider tensor: any row stride.
+    x = torch.cat([x, torch.zeros(9, 3)], dim=1)[:, :vocab]
+    torch.testing.assert_close(kernels.argmax_rows(x), x.argmax(dim=-1), rtol=0, atol=0)

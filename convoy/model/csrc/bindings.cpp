@@ -15,6 +15,7 @@ void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w
 torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k, torch::Tensor cos,
                       torch::Tensor sin);
+torch::Tensor argmax_rows(torch::Tensor x);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -28,4 +29,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "(N, 2I) gate|up -> silu(gate) * up, float32 (CPU)");
   m.def("rotary_embedding", &rotary_embedding,
         "Rotary embedding of q and k in place at the given positions, float32 (CPU)");
+  m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) for float32 rows (CPU)");
 }

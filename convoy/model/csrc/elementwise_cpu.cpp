@@ -197,3 +197,50 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
     }
   });
 }
+
+// The index of each row's largest value, as torch.argmax: the first one on ties, and the first
+// NaN where a row has any (NaN counts as the largest). torch's CPU argmax walks a row one
+// element at a time: 1.7 ms for 64 rows of a 32k vocabulary, 5 % of a 25M model's decode step.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check_rows(x, "x");
+  const int64_t N = x.size(0), V = x.size(1), V8 = V - V % 8;
+  TORCH_CHECK(V > 0, "x must have at least one column");
+  auto out = torch::empty({N}, x.options().dtype(torch::kInt64));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t xs = x.stride(0);
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = xp + n * xs;
+      // Pass 1: the maximum (comparisons with NaN are false, so NaN never wins here) and
+      // whether a NaN occurs at all.
+      vf8 mv = splat8(-INFINITY);
+      vi8 nan = {};
+      for (int64_t i = 0; i < V8; i += 8) {
+        const vf8 v = load8(row + i);
+        mv = v > mv ? v : mv;
+        nan |= v != v;
+      }
+      float m = -INFINITY;
+      bool has_nan = false;
+      for (int i = 0; i < 8; ++i) {
+        m = mv[i] > m ? mv[i] : m;
+        has_nan |= nan[i] != 0;
+      }
+      for (int64_t i = V8; i < V; ++i) {
+        m = row[i] > m ? row[i] : m;
+        has_nan |= std::isnan(row[i]);
+      }
+      // Pass 2 (the row is in cache now): the first index holding it.
+      int64_t idx = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        if (has_nan ? std::isnan(row[i]) : row[i] == m) {
+          idx = i;
+          break;
+        }
+      }
+      op[n] = idx;
+    }
+  });
+  return out;
+}
