@@ -10,7 +10,7 @@
 //
 // The arithmetic is the models' own, in the same order (RMSNorm: x * rsqrt(mean(x^2) + eps),
 // then times the weight); only the order of the sum of squares and the exp used by SiLU (a
-// polynomial good to ~1 ulp, as torch's own vectorized exp) differ, which moves the last bits.
+// polynomial within a few ulp of torch's exp) differ, which moves the last bits.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
