@@ -96,10 +96,21 @@ MODES: dict[str, dict[str, Any]] = {
     # 24 blocks of 16 = 384 tokens: the longest request (332) fits alone, all 16 do not.
     "preempting": {"num_kv_blocks": 24, "block_size": 16},
     # The CPU fast paths must not change outputs either: the default packs linear weights for
-    # oneDNN and uses convoy's attention kernel; these are the alternatives.
+    # oneDNN and uses convoy's attention and elementwise kernels; these are the alternatives
+    # ("torch ops only" also detaches the elementwise kernels: see torch_ops_only).
     "plain linears": {"linear_backend": "plain"},
     "torch ops only": {"linear_backend": "torch", "attention_backend": "torch"},
 }
+
+
+def torch_ops_only(llm: LLM) -> None:
+    """Take convoy's fused norm/rotary/activation kernels and argmax off a CPU model, so it
+    runs the torch ops a CUDA or bfloat16 model runs (no engine option selects them)."""
+    runner = llm.engine.runner
+    runner.sampler.kernel = None
+    for module in runner.model.modules():
+        if hasattr(module, "kernel"):
+            module.kernel = None
 
 
 @pytest.mark.parametrize("case", sorted(ARCH_CASES))
@@ -114,6 +125,8 @@ def test_greedy_matches_transformers(case: str, make_checkpoint: Callable[..., P
 
     for mode, kwargs in MODES.items():
         llm = LLM(model=str(path), max_model_len=512, **kwargs)
+        if mode == "torch ops only":
+            torch_ops_only(llm)
         poison_kv_cache(llm)
         outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
         check_against(outputs, refs, mode)
