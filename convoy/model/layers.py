@@ -177,17 +177,19 @@ class Linear(nn.Linear):
         self.qweight, self.qscale = q, scale.to(self.weight.dtype)
         self._drop_weight()
 
-    def use_onednn(self, pack: bool) -> None:
+    def use_onednn(self, pack: bool, keep_plain: bool = False) -> None:
         """Multiply by oneDNN from now on; with ``pack``, on the weight reordered once into
-        oneDNN's blocked layout, dropping the plain copy (unless another module, such as a tied
-        embedding table, still holds it)."""
+        oneDNN's blocked layout, dropping the plain copy unless ``keep_plain`` (another module,
+        such as a tied embedding table, still reads it: the packed copy then costs its size
+        again in memory)."""
         if not pack:
             self.onednn_weight = self.weight.detach()
             return
         self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(
             self.weight.detach(), ONEDNN_PACK_ROWS
         )
-        self._drop_weight()
+        if not keep_plain:
+            self._drop_weight()
 
     def _drop_weight(self) -> None:
         # Free the float weight (a tied embedding keeps its own reference).

@@ -149,7 +149,10 @@ class ModelRunner:
             backend = "packed" if max_num_seqs > SKINNY_MAX_ROWS else "plain"
         skinny = cpu_kernels.load()
         onednn = model_config.quantization is None and onednn_available()
-        # A weight an embedding also reads (a tied head) must keep its plain layout.
+        # A weight an embedding also reads (a tied head) keeps its plain layout for the lookup;
+        # packed, the head multiplies by a second copy in oneDNN's layout (vocab x hidden floats
+        # more memory): on 64-row decode steps it runs ~1.4x faster (32k x 384 head: 11.1 -> 8.0
+        # ms), and the head is a fifth of a small model's decode step.
         shared = {
             p.data_ptr()
             for m in self.model.modules()
@@ -161,7 +164,8 @@ class ModelRunner:
                 continue
             if onednn:
                 module.use_onednn(
-                    pack=backend == "packed" and module.weight.data_ptr() not in shared
+                    pack=backend == "packed",
+                    keep_plain=module.weight.data_ptr() in shared,
                 )
             module.skinny_kernel = skinny
 

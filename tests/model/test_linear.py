@@ -1,6 +1,7 @@
 """Every CPU path of convoy's Linear computes the same product as torch's, to float32 rounding:
 oneDNN on packed or plain weights, the few-row matrix-vector kernel, and the runner's choice
-between them (packing frees the plain weight, except a head tied to the embedding table)."""
+between them (packing frees the plain weight, except under a head tied to the embedding table,
+which is packed as a second copy)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from convoy import LLM, SamplingParams
+from convoy.bench.memory import memory_report
 from convoy.model import cpu_kernels
 from convoy.model.layers import SKINNY_MAX_ROWS, Linear, onednn_available
 
@@ -48,19 +50,28 @@ def test_cpu_paths_equal_torch_linear(pack: bool, bias: bool, rows: int) -> None
 
 
 @needs_onednn
-def test_runner_packs_weights_but_keeps_a_tied_head_plain(
+def test_runner_packs_a_tied_head_beside_the_embedding_table(
     make_checkpoint: Callable[..., Path],
 ) -> None:
     path = make_checkpoint("llama3-tied-mqa")
     llm = LLM(model=str(path), max_model_len=128, linear_backend="packed")
     model = llm.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert all(m.onednn_weight is not None for m in linears)
+    assert all(m.onednn_weight is not None and m.onednn_weight.is_mkldnn for m in linears)
+    # The embedding lookup still reads the plain table the head shares; the head multiplies
+    # by its own packed copy, which the memory report counts.
     head = model.lm_head
-    assert head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert head.weight.numel() > 0 and head.onednn_weight is not None
-    assert not head.onednn_weight.is_mkldnn
+    table = model.model.embed_tokens.weight
+    assert head.weight.data_ptr() == table.data_ptr() and head.weight.numel() > 0
     assert all(m.weight.numel() == 0 for m in linears if m is not head)
+    plain = LLM(model=str(path), max_model_len=128, linear_backend="plain")
+    extra = memory_report(llm).weights_bytes - memory_report(plain).weights_bytes
+    assert extra == table.numel() * table.element_size()
+    # Few rows still go through the matrix-vector kernel on the plain table, more through
+    # oneDNN on the packed copy; both give the plain product.
+    for rows in (1, SKINNY_MAX_ROWS + 3):
+        x = torch.randn(rows, table.shape[1])
+        torch.testing.assert_close(head(x), x @ table.T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(("max_num_seqs", "packed"), [(1, False), (SKINNY_MAX_ROWS + 1, True)])
