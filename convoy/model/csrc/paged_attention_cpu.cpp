@@ -50,15 +50,42 @@ inline void score_tile(const float* q, int64_t q_stride, const float* const* key
   store8(s + 8, convoy::reduce8(acc[1]));
 }
 
-// y[0, n) += w[0] v0 + ... + w[NP-1] v_{NP-1}, n a multiple of 8.
-template <int NP>
-inline void add_weighted(float* __restrict y, const float* const* v, const float* w, int64_t n) {
-  vf8 ws[NP];
-  for (int j = 0; j < NP; ++j) ws[j] = splat8(w[j]);
-  for (int64_t d = 0; d < n; d += 8) {
-    vf8 acc = load8(y + d);
-    for (int j = 0; j < NP; ++j) acc += ws[j] * load8(v[j] + d);
-    store8(y + d, acc);
+// For NH query heads: y_h[0, 8W) += sum over the count positions p of w_h[p] * v_p[0, 8W),
+// positions in order (the order the reference sums them in), the accumulators held in
+// registers for the whole run of positions instead of loaded and stored per position.
+template <int W, int NH>
+inline void add_weighted(float* const* y, const float* const* w, const float* v,
+                         int64_t v_stride, int64_t count) {
+  vf8 acc[NH][W];
+  for (int h = 0; h < NH; ++h)
+    for (int i = 0; i < W; ++i) acc[h][i] = load8(y[h] + 8 * i);
+  for (int64_t p = 0; p < count; ++p) {
+    vf8 vv[W];
+    for (int i = 0; i < W; ++i) vv[i] = load8(v + p * v_stride + 8 * i);
+    for (int h = 0; h < NH; ++h) {
+      const vf8 ws = splat8(w[h][p]);
+      for (int i = 0; i < W; ++i) acc[h][i] += ws * vv[i];
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int i = 0; i < W; ++i) store8(y[h] + 8 * i, acc[h][i]);
+}
+
+// add_weighted over a whole head: 32 floats per pass (two heads' accumulators and the values
+// fit in the 16 AVX2 registers), then 8 at a time.
+template <int NH>
+inline void add_weighted_head(float* const* y, const float* const* w, const float* v,
+                              int64_t v_stride, int64_t count, int64_t head_dim) {
+  int64_t d = 0;
+  for (; d + 32 <= head_dim; d += 32) {
+    float* yd[NH];
+    for (int h = 0; h < NH; ++h) yd[h] = y[h] + d;
+    add_weighted<4, NH>(yd, w, v + d, v_stride, count);
+  }
+  for (; d < head_dim; d += 8) {
+    float* yd[NH];
+    for (int h = 0; h < NH; ++h) yd[h] = y[h] + d;
+    add_weighted<1, NH>(yd, w, v + d, v_stride, count);
   }
 }
 
@@ -128,27 +155,31 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
   // position before the next so memory is read in order. A tile running past the block
   // repeats its last position (a read inside the block, lanes discarded).
   const int64_t row_bytes = ((h1 - h0 - 1) * bt.kh + head_dim) * sizeof(float);
-  auto row = [&](const float* cache, int64_t stride, int64_t b, int64_t p) {
-    // Position p (its offset in the block) of block b; a b past the context is clamped to
-    // the last block, so prefetching "the next block" at the end stays inside the cache.
-    return cache + (table[std::min(b, (len - 1) / block_size)] * block_size + p % block_size) *
-                       stride;
+  const int64_t last_block = (len - 1) / block_size;
+  // This item's first kv head at the start of block b of a cache; a b past the context is
+  // clamped to the last block, so prefetching "the next block" at the end stays in the cache.
+  auto block_start = [&](const float* cache, int64_t slot_stride, int64_t head_stride,
+                         int64_t b) {
+    return cache + table[std::min(b, last_block)] * block_size * slot_stride + h0 * head_stride;
   };
-  for (int64_t b = first / block_size; b * block_size < len; ++b) {
-    const int64_t lo = std::max(first, b * block_size), hi = std::min(len, (b + 1) * block_size);
-    for (int64_t p = lo; p < hi; p += NP) {
-      for (int j = 0; j < NP; ++j) prefetch(row(bt.k, bt.ks, b + 1, p + j) + h0 * bt.kh, row_bytes);
-      const int64_t count = std::min<int64_t>(NP, hi - p);
-      for (int64_t kvh = h0; kvh < h1; ++kvh) {
-        const int64_t hq = (kvh - h0) * group;  // this kv head's first query head in the item
+  for (int64_t b = first / block_size; b <= last_block; ++b) {
+    const int64_t base = b * block_size;  // position of the block's first slot
+    const int64_t lo = std::max(first, base) - base, hi = std::min(len - base, block_size);
+    const float* kb = block_start(bt.k, bt.ks, bt.kh, b);
+    const float* next = block_start(bt.k, bt.ks, bt.kh, b + 1);
+    for (int64_t o = lo; o < hi; o += NP) {
+      for (int j = 0; j < NP; ++j)
+        prefetch(next + std::min<int64_t>(o + j, block_size - 1) * bt.ks, row_bytes);
+      const int64_t count = std::min<int64_t>(NP, hi - o);
+      for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
+        const int64_t hq = kvh * group;  // this kv head's first query head in the item
         const float* keys[NP];
-        for (int j = 0; j < NP; ++j)
-          keys[j] = row(bt.k, bt.ks, b, std::min(p + j, hi - 1)) + kvh * bt.kh;
+        for (int j = 0; j < NP; ++j) keys[j] = kb + std::min(o + j, hi - 1) * bt.ks + kvh * bt.kh;
         for (int64_t g = 0; g < group; g += NG) {
           float tile[16];
           score_tile<NG>(qh + (hq + g) * head_dim, head_dim, keys, head_dim, tile);
           for (int i = 0; i < NG; ++i) {
-            float* dst = scores.data() + (hq + g + i) * n + (p - first);
+            float* dst = scores.data() + (hq + g + i) * n + (base + o - first);
             for (int64_t j = 0; j < count; ++j) dst[j] = tile[i * NP + j] * bt.scale;
           }
         }
@@ -159,7 +190,9 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores.data() + h * n;
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
+    // A vector max: the scalar loop is one long chain of 3-cycle dependent maxes.
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) {
@@ -170,25 +203,33 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) s[i] *= inv;
   }
-  // Weighted sum of values, in position order like the scores, four positions per pass (one
-  // load and store of the accumulator per four values).
+  // Weighted sum of values, block by block in position order like the scores; within a block,
+  // kv head by kv head, two query heads at a time over the block's positions. The next
+  // block's values for a kv head are prefetched as this block's are summed.
   std::fill(oh, oh + heads * head_dim, 0.f);
-  for (int64_t b = first / block_size; b * block_size < len; ++b) {
-    const int64_t lo = std::max(first, b * block_size), hi = std::min(len, (b + 1) * block_size);
-    int64_t p = lo;
-    auto add = [&](auto positions) {
-      constexpr int NV = decltype(positions)::value;
-      for (int j = 0; j < NV; ++j) prefetch(row(bt.v, bt.vs, b + 1, p + j) + h0 * bt.vh, row_bytes);
-      for (int64_t kvh = h0; kvh < h1; ++kvh) {
-        const float* values[NV];
-        for (int j = 0; j < NV; ++j) values[j] = row(bt.v, bt.vs, b, p + j) + kvh * bt.vh;
-        for (int64_t h = (kvh - h0) * group; h < (kvh - h0 + 1) * group; ++h)
-          add_weighted<NV>(oh + h * head_dim, values, scores.data() + h * n + (p - first),
-                           head_dim);
+  const int64_t head_bytes = head_dim * sizeof(float);
+  for (int64_t b = first / block_size; b <= last_block; ++b) {
+    const int64_t base = b * block_size;
+    const int64_t lo = std::max(first, base) - base, hi = std::min(len - base, block_size);
+    const float* vb = block_start(bt.v, bt.vs, bt.vh, b) + lo * bt.vs;
+    const float* next = block_start(bt.v, bt.vs, bt.vh, b + 1);
+    for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
+      for (int64_t o = 0; o < block_size; ++o) prefetch(next + o * bt.vs + kvh * bt.vh, head_bytes);
+      const float* v = vb + kvh * bt.vh;
+      const float* w[2];
+      float* y[2];
+      for (int64_t h = kvh * group; h < (kvh + 1) * group; h += 2) {
+        const int nh = std::min<int64_t>(2, (kvh + 1) * group - h);
+        for (int i = 0; i < nh; ++i) {
+          w[i] = scores.data() + (h + i) * n + (base + lo - first);
+          y[i] = oh + (h + i) * head_dim;
+        }
+        if (nh == 2)
+          add_weighted_head<2>(y, w, v, bt.vs, hi - lo, head_dim);
+        else
+          add_weighted_head<1>(y, w, v, bt.vs, hi - lo, head_dim);
       }
-    };
-    for (; p + 4 <= hi; p += 4) add(std::integral_constant<int, 4>{});
-    for (; p < hi; ++p) add(std::integral_constant<int, 1>{});
+    }
   }
 }
 
