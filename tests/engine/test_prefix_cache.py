@@ -199,10 +199,12 @@ def test_eviction_order_when_the_pool_needs_room() -> None:
     kv = KVCacheManager(num_blocks=4, block_size=2)
     a = req("a", [10, 11, 12, 13, 14])
     admit(kv, a)  # blocks 0, 1 named, 2 partial
-    kv.free(a)  # freed tail first: queue 3, 2, 1, 0
+    kv.free(a)  # freed tail first: partial 2 on top of never-used 3; named 1, then 0, cached
     b = req("b", [20, 21, 22, 23, 24, 25, 26])  # no hit: needs 4 blocks
     assert kv.find_cached_prefix(b) == []
-    assert admit(kv, b) == [3, 2, 1, 0]
+    # Blocks holding nothing worth keeping first (the most recently freed, then never-used),
+    # cached ones only when those run out.
+    assert admit(kv, b) == [2, 3, 1, 0]
     # a's blocks were evicted, its tail block (1) before its head (0).
     assert kv.pool.num_evictions == 2
     assert kv.find_cached_prefix(req("c", [10, 11, 12, 13, 14])) == []

@@ -61,12 +61,13 @@ def sample_all(sched: Scheduler, out: SchedulerOutput, token: int = 7) -> None:
 
 
 # -- block pool ------------------------------------------------------------------------------
-def test_pool_hands_out_ids_fifo_and_checks_integrity() -> None:
+def test_pool_reuses_recently_freed_ids_first_and_checks_integrity() -> None:
     pool = BlockPool(4)
     assert pool.allocate(2) == [0, 1]
     assert pool.allocate(1) == [2]
     pool.free([1, 0])
-    assert pool.allocate(3) == [3, 1, 0]
+    # Memory already written (0 freed last, then 1) before the never-used 3.
+    assert pool.allocate(3) == [0, 1, 3]
     pool.check_integrity()
     assert pool.num_free_blocks == 0
     with pytest.raises(BlockPoolError):
@@ -100,8 +101,9 @@ def test_kv_manager_grows_tables_and_frees_in_reverse() -> None:
     assert not kv.allocate_slots(b, 16)  # would need 3 more, only 2 free: nothing taken
     assert kv.get_block_table("b") == [2]
     kv.free(a)
-    # Freed tail first: 3, 1, 0 join the queue after the never-used 4, 5.
-    assert kv.pool.allocate(5) == [4, 5, 3, 1, 0]
+    # Freed tail first: 3, 1 (unnamed) go on top of the never-used 4, 5, most recent first;
+    # 0 holds a's named prompt block and is handed out (evicted) last.
+    assert kv.pool.allocate(5) == [1, 3, 4, 5, 0]
     kv.pool.free([4, 5, 3, 1, 0])
     kv.check_integrity(live_request_ids={"b"})
     with pytest.raises(BlockPoolError, match="still holds"):
@@ -168,15 +170,17 @@ def test_preemption_order_and_recovery(prefix_caching: bool) -> None:
     sched.finish_requests(["a"], FinishReason.ABORT)
     assert a.finish_reason is FinishReason.ABORT
     out = sched.schedule()
-    # The free queue is now 1 (b's), 2, 0 (a's, tail first). With prefix caching b finds its
-    # full prompt block 1 still cached and computes only its output token, in block 2;
-    # without, it recomputes prompt + output token in blocks 1 and 2.
+    # Freed: 1 (b's), then 2, 0 (a's, tail first). With prefix caching b finds its full
+    # prompt block 1 still cached and computes only its output token, in a's partial block 2
+    # (0 holds a's named prompt block, kept while anything else is free); without, it
+    # recomputes prompt + output token in the most recently freed blocks, 0 and 2.
     if prefix_caching:
         assert plan(out) == [("b", 4, 1)]
         assert b.num_cached_tokens == 0  # what it found when *first* scheduled
+        assert sched.kv_cache.get_block_table("b") == [1, 2]
     else:
         assert plan(out) == [("b", 0, 5)]
-    assert sched.kv_cache.get_block_table("b") == [1, 2]
+        assert sched.kv_cache.get_block_table("b") == [0, 2]
     assert out.finished_request_ids == ["a"]
     sample_all(sched, out)
 
