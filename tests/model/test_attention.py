@@ -56,8 +56,9 @@ def test_split_softmax_equals_plain_attention(heads: int, kv_heads: int) -> None
 # Query heads per kv head 1, 3, 2 and 4 (the kernel tiles 1, 1, 2 and 4 of them together).
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (8, 4), (4, 1)])
 @pytest.mark.parametrize("window", [None, 1, 7, 1000])
-# Tiles of 4-16 positions against blocks smaller, larger and not a multiple of them.
-@pytest.mark.parametrize(("dim", "block_size"), [(16, 4), (64, 16), (24, 5)])
+# Tiles of 4-16 positions against blocks smaller, larger and not a multiple of them; 128 is
+# the CPU default, longer than a value chunk and the prefetch distance.
+@pytest.mark.parametrize(("dim", "block_size"), [(16, 4), (64, 16), (24, 5), (64, 128)])
 def test_paged_kernel_equals_gathered_attention(
     heads: int, kv_heads: int, window: int | None, dim: int, block_size: int
 ) -> None:
@@ -66,14 +67,15 @@ def test_paged_kernel_equals_gathered_attention(
     kernel = cpu_kernels.load()
     assert kernel is not None, cpu_kernels.unavailable_reason()
     gen = torch.Generator().manual_seed(1)
-    num_blocks = 40
+    lens = torch.tensor([1, 4, 5, 13, 30, 2 * block_size + 21])
+    need_blocks = [-(-n // block_size) for n in lens.tolist()]
+    num_blocks = sum(need_blocks) + 3
     pad = num_blocks * block_size
     k_cache = torch.randn(pad + 1, kv_heads, dim, generator=gen)
     v_cache = torch.randn(pad + 1, kv_heads, dim, generator=gen)
     k_cache[pad] = v_cache[pad] = 0
-    lens = torch.tensor([1, 4, 5, 13, 30])
     perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, width = [], 8
+    tables, width = [], max(need_blocks) + 1
     for n in lens.tolist():
         need = -(-n // block_size)
         tables.append(perm[:need] + [0] * (width - need))

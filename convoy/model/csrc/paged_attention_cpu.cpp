@@ -5,8 +5,13 @@
 // split over sequences (or (sequence, kv head) pairs when there are fewer sequences than
 // threads); the query heads sharing a kv head (GQA) are handled together so every key and
 // value vector is read once for all of them. Scores are computed in tiles of 16 dot products
-// summed horizontally together; each sequence walks its blocks in order while the next block
-// is prefetched (the blocks are scattered, so the hardware prefetcher cannot see it coming).
+// summed horizontally together; each sequence walks its positions in order while the rows a
+// fixed distance ahead are prefetched, across block boundaries (the blocks are scattered, so
+// the hardware prefetcher cannot see the next one coming).
+//
+// The kernel reads the cache at close to the machine's streaming bandwidth only when blocks
+// are long: on a Zen 4 box, 2 threads summing the same bytes reach ~17 GB/s with 16-token
+// blocks and ~30 GB/s with 128-token ones. That is why convoy's CPU default is 128.
 //
 // Softmax is computed the plain way (scores, max, exp, sum, weighted sum of values) in
 // float32, like the reference implementation, so results match it to float rounding.
@@ -26,6 +31,7 @@
 
 namespace {
 
+using convoy::keep_in_register;
 using convoy::load8;
 using convoy::splat8;
 using convoy::store8;
@@ -40,7 +46,10 @@ inline void score_tile(const float* q, int64_t q_stride, const float* const* key
   vf8 acc[2][8] = {};
   for (int64_t d = 0; d < head_dim; d += 8) {
     vf8 k[NP];
-    for (int j = 0; j < NP; ++j) k[j] = load8(keys[j] + d);
+    for (int j = 0; j < NP; ++j) {
+      k[j] = load8(keys[j] + d);
+      keep_in_register(k[j]);  // each key feeds NG FMAs
+    }
     for (int i = 0; i < NG; ++i) {
       const vf8 qv = load8(q + i * q_stride + d);
       for (int j = 0; j < NP; ++j) acc[(i * NP + j) / 8][(i * NP + j) % 8] += qv * k[j];
@@ -61,7 +70,10 @@ inline void add_weighted(float* const* y, const float* const* w, const float* v,
     for (int i = 0; i < W; ++i) acc[h][i] = load8(y[h] + 8 * i);
   for (int64_t p = 0; p < count; ++p) {
     vf8 vv[W];
-    for (int i = 0; i < W; ++i) vv[i] = load8(v + p * v_stride + 8 * i);
+    for (int i = 0; i < W; ++i) {
+      vv[i] = load8(v + p * v_stride + 8 * i);
+      keep_in_register(vv[i]);  // each value vector feeds NH FMAs
+    }
     for (int h = 0; h < NH; ++h) {
       const vf8 ws = splat8(w[h][p]);
       for (int i = 0; i < W; ++i) acc[h][i] += ws * vv[i];
@@ -89,11 +101,9 @@ inline void add_weighted_head(float* const* y, const float* const* w, const floa
   }
 }
 
-// Asks for [p, p + bytes) to be brought into L2 ahead of use. Blocks are scattered and a
-// context walks each for only a few kilobytes, too short for the hardware prefetcher to ramp
-// up: without this the kernel waits on memory latency, not bandwidth (about 2.5x slower).
-// Into L2, not L1: a kilobyte-long row at once overflows L1's few outstanding misses, and
-// then the prefetches themselves stall the loop.
+// Asks for [p, p + bytes) to be brought into L2 ahead of use. Blocks are scattered, so at
+// every block boundary the hardware prefetcher would have to start over: without this the
+// kernel waits on memory latency, not bandwidth (about 2x slower).
 inline void prefetch(const float* p, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
@@ -119,6 +129,15 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+// How many positions ahead of the one being read the kernel prefetches: 16 rows are 8-16 KB
+// for 2-4 kv heads of 64 floats, enough to cover DRAM latency at this bandwidth; farther
+// measured no better and costs L1/L2 room.
+constexpr int64_t kPrefetchAhead = 16;
+
+// Positions whose values are summed together, kv head after kv head, before moving on: the
+// rows of a chunk stay in L1 across the kv heads, and the cache is read in slot order.
+constexpr int64_t kValueChunk = 16;
 
 // The cache and batch as the kernel reads them; one work item attends query heads
 // [h0 * group, h1 * group) of one sequence.
@@ -156,20 +175,25 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
   // repeats its last position (a read inside the block, lanes discarded).
   const int64_t row_bytes = ((h1 - h0 - 1) * bt.kh + head_dim) * sizeof(float);
   const int64_t last_block = (len - 1) / block_size;
-  // This item's first kv head at the start of block b of a cache; a b past the context is
-  // clamped to the last block, so prefetching "the next block" at the end stays in the cache.
+  // This item's first kv head at the start of block b of a cache.
   auto block_start = [&](const float* cache, int64_t slot_stride, int64_t head_stride,
                          int64_t b) {
-    return cache + table[std::min(b, last_block)] * block_size * slot_stride + h0 * head_stride;
+    return cache + table[b] * block_size * slot_stride + h0 * head_stride;
+  };
+  // This item's first kv head at position p of a cache; p past the context is clamped to its
+  // last position, so prefetching ahead near the end stays inside the sequence's blocks.
+  auto row_at = [&](const float* cache, int64_t slot_stride, int64_t head_stride, int64_t p) {
+    p = std::min(p, len - 1);
+    return cache + (table[p / block_size] * block_size + p % block_size) * slot_stride +
+           h0 * head_stride;
   };
   for (int64_t b = first / block_size; b <= last_block; ++b) {
     const int64_t base = b * block_size;  // position of the block's first slot
     const int64_t lo = std::max(first, base) - base, hi = std::min(len - base, block_size);
     const float* kb = block_start(bt.k, bt.ks, bt.kh, b);
-    const float* next = block_start(bt.k, bt.ks, bt.kh, b + 1);
     for (int64_t o = lo; o < hi; o += NP) {
       for (int j = 0; j < NP; ++j)
-        prefetch(next + std::min<int64_t>(o + j, block_size - 1) * bt.ks, row_bytes);
+        prefetch(row_at(bt.k, bt.ks, bt.kh, base + o + j + kPrefetchAhead), row_bytes);
       const int64_t count = std::min<int64_t>(NP, hi - o);
       for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
         const int64_t hq = kvh * group;  // this kv head's first query head in the item
@@ -203,31 +227,34 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) s[i] *= inv;
   }
-  // Weighted sum of values, block by block in position order like the scores; within a block,
-  // kv head by kv head, two query heads at a time over the block's positions. The next
-  // block's values for a kv head are prefetched as this block's are summed.
+  // Weighted sum of values in position order like the scores, a chunk of positions at a time;
+  // within a chunk, kv head by kv head, two query heads at a time. Each position's weight
+  // multiplies its value in the same order as before chunking, so the sums are unchanged.
   std::fill(oh, oh + heads * head_dim, 0.f);
   const int64_t head_bytes = head_dim * sizeof(float);
   for (int64_t b = first / block_size; b <= last_block; ++b) {
     const int64_t base = b * block_size;
     const int64_t lo = std::max(first, base) - base, hi = std::min(len - base, block_size);
-    const float* vb = block_start(bt.v, bt.vs, bt.vh, b) + lo * bt.vs;
-    const float* next = block_start(bt.v, bt.vs, bt.vh, b + 1);
-    for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
-      for (int64_t o = 0; o < block_size; ++o) prefetch(next + o * bt.vs + kvh * bt.vh, head_bytes);
-      const float* v = vb + kvh * bt.vh;
-      const float* w[2];
-      float* y[2];
-      for (int64_t h = kvh * group; h < (kvh + 1) * group; h += 2) {
-        const int nh = std::min<int64_t>(2, (kvh + 1) * group - h);
-        for (int i = 0; i < nh; ++i) {
-          w[i] = scores.data() + (h + i) * n + (base + lo - first);
-          y[i] = oh + (h + i) * head_dim;
+    for (int64_t c0 = lo; c0 < hi; c0 += kValueChunk) {
+      const int64_t c1 = std::min(hi, c0 + kValueChunk);
+      const float* vc = block_start(bt.v, bt.vs, bt.vh, b) + c0 * bt.vs;
+      for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
+        for (int64_t p = base + c0; p < base + c1; ++p)
+          prefetch(row_at(bt.v, bt.vs, bt.vh, p + kPrefetchAhead) + kvh * bt.vh, head_bytes);
+        const float* v = vc + kvh * bt.vh;
+        const float* w[2];
+        float* y[2];
+        for (int64_t h = kvh * group; h < (kvh + 1) * group; h += 2) {
+          const int nh = std::min<int64_t>(2, (kvh + 1) * group - h);
+          for (int i = 0; i < nh; ++i) {
+            w[i] = scores.data() + (h + i) * n + (base + c0 - first);
+            y[i] = oh + (h + i) * head_dim;
+          }
+          if (nh == 2)
+            add_weighted_head<2>(y, w, v, bt.vs, c1 - c0, head_dim);
+          else
+            add_weighted_head<1>(y, w, v, bt.vs, c1 - c0, head_dim);
         }
-        if (nh == 2)
-          add_weighted_head<2>(y, w, v, bt.vs, hi - lo, head_dim);
-        else
-          add_weighted_head<1>(y, w, v, bt.vs, hi - lo, head_dim);
       }
     }
   }

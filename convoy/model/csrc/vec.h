@@ -40,6 +40,20 @@ inline vf8 load8(const int8_t* p) {
 
 inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
 
+// Makes v live in a register from here on (an empty asm that claims to change it). Where one
+// loaded vector feeds several FMAs, GCC 12 otherwise folds the load into each FMA as a memory
+// operand, so the loop issues a load per FMA and is bound by the load ports, not the FMA units
+// (in paged attention: ~35% more cycles).
+inline void keep_in_register(vf8& v) {
+#if defined(__AVX512VL__)
+  asm("" : "+v"(v));  // any of the 32 vector registers
+#elif defined(__AVX__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
 inline vf8 splat8(float x) { return vf8{x, x, x, x, x, x, x, x}; }
 
 // Lane i of the result is the sum of x[i]'s eight lanes: eight horizontal sums in 21
