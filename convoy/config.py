@@ -70,7 +70,13 @@ class ModelConfig:
 class CacheConfig:
     """The paged KV cache."""
 
-    block_size: int = field(default=16, metadata={"help": "Tokens per KV cache block."})
+    block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per KV cache block (default: 128 on CPU, 16 on CUDA). Prefixes are "
+            "shared in whole blocks; on CPU, longer blocks let decode attention stream the cache."
+        },
+    )
     num_kv_blocks: int | None = field(
         default=None, metadata={"help": "Number of KV blocks (overrides kv_cache_memory_gb)."}
     )
@@ -81,6 +87,19 @@ class CacheConfig:
         default=True,
         metadata={"help": "Reuse the KV of prompt prefixes computed before (shared by hash)."},
     )
+
+    def for_device(self, device_type: str) -> CacheConfig:
+        """This config with ``block_size`` filled in for the device when it was left unset.
+
+        CPU gets 128-token blocks, like vLLM's CPU backend: decode attention reads a block's
+        keys and values as one run, and the memory system streams long runs much faster than
+        short scattered ones (on a 2-core Zen 4 box, ~30 against ~17 GB/s for 16-token
+        blocks; convoy's decode attention 16.6 against 23.1 ms a step on a ~200M Llama at 64
+        sequences). CUDA keeps vLLM's 16, which shares prefixes at a finer grain.
+        """
+        if self.block_size is not None:
+            return self
+        return dataclasses.replace(self, block_size=128 if device_type == "cpu" else 16)
 
 
 @dataclass
@@ -158,7 +177,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         c, s, m = self.cache, self.scheduler, self.model
-        if c.block_size < 1:
+        if c.block_size is not None and c.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {c.block_size}")
         if c.num_kv_blocks is not None and c.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {c.num_kv_blocks}")

@@ -77,6 +77,7 @@ def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
 def num_kv_blocks_for(cache: CacheConfig, arch: ModelArch, dtype: torch.dtype) -> int:
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
+    assert cache.block_size is not None, "CacheConfig.for_device fills block_size in"
     per_block = kv_block_bytes(arch, cache.block_size, dtype)
     return max(1, int(cache.kv_cache_memory_gb * 2**30) // per_block)
 
@@ -99,6 +100,7 @@ class ModelRunner:
         self.device = resolve_device(model_config)
         self.dtype = resolve_dtype(model_config, self.device)
         self.arch = arch
+        assert cache_config.block_size is not None, "CacheConfig.for_device fills block_size in"
         self.block_size = cache_config.block_size
         self.max_model_len = max_model_len
         from pathlib import Path

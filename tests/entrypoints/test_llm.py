@@ -16,7 +16,7 @@ import pytest
 
 from convoy import LLM, RequestOutput, SamplingParams
 from convoy.cli import main as cli_main
-from convoy.config import CONFIG_CLASSES
+from convoy.config import CONFIG_CLASSES, CacheConfig
 from convoy.entrypoints.llm import reuse_order
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -222,6 +222,21 @@ def test_unknown_engine_argument(model_path: str) -> None:
 def test_invalid_engine_config(model_path: str, kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         LLM(model=model_path, **kwargs)
+
+
+def test_block_size_defaults_to_the_devices(model_path: str) -> None:
+    """Unset, a KV block holds 128 tokens on CPU (the runs the decode attention kernel streams
+    fastest) and vLLM's 16 on CUDA; a size the user gives is kept on either."""
+    llm = LLM(model=model_path, num_kv_blocks=4)
+    engine = llm.engine
+    assert engine.config.cache.block_size == 128
+    assert engine.kv_cache.block_size == engine.runner.block_size == 128
+    assert engine.max_model_len == min(4 * 128, engine.arch.max_position_embeddings)
+    out = llm.generate(["a b c"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+    assert CacheConfig().for_device("cuda").block_size == 16
+    assert CacheConfig(block_size=32).for_device("cpu").block_size == 32
+    assert CacheConfig(block_size=32).for_device("cuda").block_size == 32
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from convoy import LLM
 SERVED_NAME = "tiny"
 API_KEY = "secret"
 MAX_MODEL_LEN = 512
+# The main server leaves the KV block size to convoy: 128 tokens on CPU.
+DEFAULT_CPU_BLOCK_SIZE = 128
 SMALL_MODEL_LEN = 64
 STARTUP_TIMEOUT_S = 60.0
 # The fixture servers run with --shutdown-grace-s 2; uvicorn adds 5 s for open connections.
@@ -244,8 +246,9 @@ def limited_server(
 def small_server(
     tmp_path_factory: pytest.TempPathFactory, model_path: str
 ) -> Iterator[ServerProcess]:
-    """A 64-token context and 128 KV blocks: any request is quick (fuzzing), and a few dozen
-    concurrent ones run the pool dry (preemption)."""
+    """A 64-token context and 128 KV blocks of 16 tokens: any request is quick (fuzzing), and
+    a few dozen concurrent ones run the pool dry (preemption). The blocks are short so that a
+    request grows by several of them (one 128-token block would hold a whole context)."""
     yield from managed_server(
         tmp_path_factory,
         model_path,
@@ -256,6 +259,8 @@ def small_server(
         str(SMALL_MODEL_LEN),
         "--num-kv-blocks",
         "128",
+        "--block-size",
+        "16",
     )
 
 

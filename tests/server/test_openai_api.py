@@ -16,7 +16,13 @@ import pytest
 from openai import OpenAI
 
 from convoy import LLM, RequestOutput, SamplingParams
-from tests.server.conftest import MAX_MODEL_LEN, SERVED_NAME, ServerProcess, wait_idle
+from tests.server.conftest import (
+    DEFAULT_CPU_BLOCK_SIZE,
+    MAX_MODEL_LEN,
+    SERVED_NAME,
+    ServerProcess,
+    wait_idle,
+)
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -670,9 +676,11 @@ def test_metrics_count_a_request(server: ServerProcess, client: OpenAI, llm: LLM
 def test_prefix_cache_reports_cached_tokens_per_salt(
     server: ServerProcess, client: OpenAI, llm: LLM
 ) -> None:
-    # A prompt no other test sends, several blocks of 16 long.
-    prompt = "def prefix_cache_probe(alpha, beta, gamma):\n" + "    total = alpha + beta\n" * 8
+    # A prompt no other test sends, a few KV blocks long.
+    prompt = "def prefix_cache_probe(alpha, beta, gamma):\n" + "    total = alpha + beta\n" * 20
     n = len(encode(llm, prompt))
+    block = DEFAULT_CPU_BLOCK_SIZE
+    assert n > 2 * block
     before = wait_idle(server)
 
     def complete(**extra: Any) -> Any:
@@ -689,7 +697,7 @@ def test_prefix_cache_reports_cached_tokens_per_salt(
     ]
     # The repeat reuses every full block but the one holding the last token; another salt
     # shares nothing.
-    assert cached == [0, (n - 1) // 16 * 16, 0]
+    assert cached == [0, (n - 1) // block * block, 0]
     assert first.choices[0].text == second.choices[0].text == salted.choices[0].text
     after = wait_idle(server)
     assert (
