@@ -65,14 +65,16 @@ class AttentionMetadata:
     suffix_slots: torch.Tensor | None = None  # (D, Smax)
     suffix_lens: torch.Tensor | None = None  # (D,)
     # Masks depend on the layer's sliding window; built once per step per window.
-    _masks: dict[int | None, tuple[torch.Tensor | None, list[torch.Tensor]]] = field(
+    _masks: dict[int | None, tuple[torch.Tensor | None, list[torch.Tensor | None]]] = field(
         default_factory=dict
     )
 
-    def masks(self, window: int | None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def masks(self, window: int | None) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """Additive float masks (0 = attend, -inf = not): decode ``(D, 1, 1, Lmax)`` and one
         ``(1, q, L)`` per prefill chunk. Float, not boolean: torch's CPU attention takes a far
-        slower path for boolean masks."""
+        slower path for boolean masks. A chunk that is a whole prompt (queries at positions
+        0..L-1) under no window narrower than it gets ``None``: plain causal attention, which
+        torch runs without a mask and skipping the masked-out tiles (1.6-2x faster)."""
         if window not in self._masks:
             self._masks[window] = (self._decode_mask(window), self._prefill_masks(window))
         return self._masks[window]
@@ -88,9 +90,13 @@ class AttentionMetadata:
             allowed &= keys > lens - 1 - window
         return _additive(allowed)[:, None, None, :]
 
-    def _prefill_masks(self, window: int | None) -> list[torch.Tensor]:
-        masks = []
+    def _prefill_masks(self, window: int | None) -> list[torch.Tensor | None]:
+        masks: list[torch.Tensor | None] = []
         for chunk in self.prefills:
+            n = chunk.context_slots.shape[0]
+            if chunk.q_end - chunk.q_start == n and (window is None or window >= n):
+                masks.append(None)
+                continue
             keys = torch.arange(chunk.context_slots.shape[0], device=chunk.query_positions.device)
             q = chunk.query_positions[:, None]  # (q, 1)
             allowed = keys[None, :] <= q  # causal
@@ -169,7 +175,8 @@ def paged_attention(
             qc.unsqueeze(0),
             k.unsqueeze(0),
             v.unsqueeze(0),
-            attn_mask=mask.unsqueeze(0).to(qc.dtype),
+            attn_mask=None if mask is None else mask.unsqueeze(0).to(qc.dtype),
+            is_causal=mask is None,
             scale=scale,
             enable_gqa=gqa,
         )  # (1, H, q, Dh)

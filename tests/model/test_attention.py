@@ -1,5 +1,5 @@
-"""Decode attention variants equal plain paged attention (no model needed): the shared-prefix
-split softmax and convoy's C++ paged kernel."""
+"""Attention variants equal plain paged attention (no model needed): the shared-prefix split
+softmax, convoy's C++ paged decode kernel, and unmasked causal prefill of whole prompts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from convoy.model import cpu_kernels
-from convoy.model.attention import AttentionMetadata, SharedPrefixDecode, paged_attention
+from convoy.model.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    SharedPrefixDecode,
+    paged_attention,
+)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (4, 1)])
@@ -115,3 +120,36 @@ def test_paged_kernel_refuses_a_head_dim_it_cannot_tile() -> None:
     table, lens = torch.zeros(1, 2, dtype=torch.long), torch.tensor([3])
     with pytest.raises(RuntimeError, match="multiple of 8"):
         kernel.paged_decode_attention(torch.empty_like(q), q, cache, cache, table, lens, 4, 1.0, 0)
+
+
+@pytest.mark.parametrize("window", [None, 3, 20, 64])
+def test_whole_prompt_prefill_equals_masked_softmax(window: int | None) -> None:
+    """A chunk holding a whole prompt runs as plain causal attention (no mask tensor) unless a
+    window narrower than the prompt needs one; both match an explicitly masked softmax."""
+    heads, kv_heads, dim, n = 6, 2, 16, 20
+    gen = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(n + 7, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(n + 7, kv_heads, dim, generator=gen)
+    slots = torch.randperm(n + 7, generator=gen)[:n]
+    q = torch.randn(n, heads, dim, generator=gen)
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        num_decode_tokens=0,
+        decode_slots=None,
+        decode_context_lens=None,
+        prefills=[PrefillChunk(0, n, slots, torch.arange(n))],
+    )
+    got = paged_attention(q, k_cache, v_cache, meta, 0.25, window)
+    assert (meta.masks(window)[1][0] is None) == (window is None or window >= n)
+
+    group = heads // kv_heads
+    k = k_cache[slots].repeat_interleave(group, dim=1)  # (n, H, D)
+    v = v_cache[slots].repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * 0.25
+    pos = torch.arange(n)
+    allowed = pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed &= pos[None, :] > pos[:, None] - window
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    want = torch.einsum("hqk,khd->qhd", probs, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
