@@ -97,7 +97,7 @@ class AttentionMetadata:
             if chunk.q_end - chunk.q_start == n and (window is None or window >= n):
                 masks.append(None)
                 continue
-            keys = torch.arange(chunk.context_slots.shape[0], device=chunk.query_positions.device)
+            keys = torch.arange(n, device=chunk.query_positions.device)
             q = chunk.query_positions[:, None]  # (q, 1)
             allowed = keys[None, :] <= q  # causal
             if window is not None:
