@@ -118,7 +118,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.runner = ModelRunner(
             config.model,
-            config.cache,
+            block_size,
             self.arch,
             str(model_path),
             self.max_model_len,

@@ -90,7 +90,7 @@ class ModelRunner:
     def __init__(
         self,
         model_config: ModelConfig,
-        cache_config: CacheConfig,
+        block_size: int,
         arch: ModelArch,
         model_path: str,
         max_model_len: int,
@@ -100,8 +100,7 @@ class ModelRunner:
         self.device = resolve_device(model_config)
         self.dtype = resolve_dtype(model_config, self.device)
         self.arch = arch
-        assert cache_config.block_size is not None, "CacheConfig.for_device fills block_size in"
-        self.block_size = cache_config.block_size
+        self.block_size = block_size
         self.max_model_len = max_model_len
         from pathlib import Path
 
