@@ -14,6 +14,7 @@ from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
 from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
 from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
+from convoy.model.host_allocator import keep_step_buffers_on_heap
 from convoy.model.layers import (
     SKINNY_MAX_ROWS,
     GatedMLP,
@@ -135,6 +136,9 @@ class ModelRunner:
             self.decode_kernel = cpu_kernels.load()
         self._attach_cpu_linear_paths(model_config, max_num_seqs)
         self._attach_cpu_elementwise_kernels()
+        if self.device.type == "cpu":
+            # After the weights and the cache are allocated: they stay mapped on their own.
+            keep_step_buffers_on_heap()
         self.generators: dict[str, torch.Generator] = {}
 
     def _attach_cpu_linear_paths(self, model_config: ModelConfig, max_num_seqs: int) -> None:
