@@ -58,8 +58,11 @@ def test_split_softmax_equals_plain_attention(heads: int, kv_heads: int) -> None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-# Query heads per kv head 1, 3, 2 and 4 (the kernel tiles 1, 1, 2 and 4 of them together).
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (8, 4), (4, 1)])
+# Query heads per kv head 1, 3, 2, 4, 6, 5 and 7: the kernel scores them in tiles of 1, 3, 2,
+# 4, 3 + 3, 4 + 1 and 4 + 3 heads.
+@pytest.mark.parametrize(
+    ("heads", "kv_heads"), [(4, 4), (6, 2), (8, 4), (4, 1), (12, 2), (10, 2), (14, 2)]
+)
 @pytest.mark.parametrize("window", [None, 1, 7, 1000])
 # Tiles of 4-16 positions against blocks smaller, larger and not a multiple of them; 128 is
 # the CPU default, longer than a value chunk and the prefetch distance.

@@ -37,12 +37,13 @@ using convoy::splat8;
 using convoy::store8;
 using convoy::vf8;
 
-// Scores of NG query heads (rows of q, q_stride apart) against NP = 16 / NG keys: the 16 dot
-// products q_i . k_j of a tile, summed horizontally together, into s[i * NP + j].
-template <int NG>
+// Scores of NG query heads (rows of q, q_stride apart) against NP keys, NG * NP <= 16: the dot
+// products q_i . k_j of a tile, summed horizontally together, into s[i * NP + j] (lanes past
+// NG * NP stay zero).
+template <int NG, int NP>
 inline void score_tile(const float* q, int64_t q_stride, const float* const* keys,
                        int64_t head_dim, float* s) {
-  constexpr int NP = 16 / NG;
+  static_assert(NG * NP <= 16, "a tile is two 8-lane reductions");
   vf8 acc[2][8] = {};
   for (int64_t d = 0; d < head_dim; d += 8) {
     vf8 k[NP];
@@ -106,7 +107,7 @@ inline void add_weighted_head(float* const* y, const float* const* w, const floa
 // kernel waits on memory latency, not bandwidth (about 2x slower).
 inline void prefetch(const float* p, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
+  for (int64_t off = 0; off < bytes; off += 64) convoy::prefetch_line(c + off);
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the max), written so the compiler vectorizes
@@ -153,6 +154,20 @@ struct Batch {
   float scale;
 };
 
+// One tile's scores into the score rows of its NG query heads (n apart), scaled; keys past the
+// block (count < NP) were repeats, their lanes dropped.
+template <int NG, int NP>
+inline void score_heads(const float* q, int64_t head_dim, const float* const* keys, float* dst,
+                        int64_t n, int64_t count, float scale) {
+  float tile[16];
+  score_tile<NG, NP>(q, head_dim, keys, head_dim, tile);
+  for (int i = 0; i < NG; ++i)
+    for (int64_t j = 0; j < count; ++j) dst[i * n + j] = tile[i * NP + j] * scale;
+}
+
+// Query heads of a kv head's group are scored NG at a time against NP = 16 / NG positions, so
+// each key loaded feeds NG dot products; a group NG does not divide ends with a narrower tile
+// of the rest (group 7 as 4 + 3), its positions the same NP.
 template <int NG>
 void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<float>& scores) {
   constexpr int NP = 16 / NG;
@@ -199,13 +214,19 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
         const int64_t hq = kvh * group;  // this kv head's first query head in the item
         const float* keys[NP];
         for (int j = 0; j < NP; ++j) keys[j] = kb + std::min(o + j, hi - 1) * bt.ks + kvh * bt.kh;
-        for (int64_t g = 0; g < group; g += NG) {
-          float tile[16];
-          score_tile<NG>(qh + (hq + g) * head_dim, head_dim, keys, head_dim, tile);
-          for (int i = 0; i < NG; ++i) {
-            float* dst = scores.data() + (hq + g + i) * n + (base + o - first);
-            for (int64_t j = 0; j < count; ++j) dst[j] = tile[i * NP + j] * bt.scale;
-          }
+        float* dst = scores.data() + hq * n + (base + o - first);
+        const float* qg = qh + hq * head_dim;
+        int64_t g = 0;
+        for (; g + NG <= group; g += NG)
+          score_heads<NG, NP>(qg + g * head_dim, head_dim, keys, dst + g * n, n, count, bt.scale);
+        if constexpr (NG > 1) {  // the rest of the group, fewer than NG heads
+          const int64_t rest = group - g;
+          const float* qr = qg + g * head_dim;
+          if (rest == 1) score_heads<1, NP>(qr, head_dim, keys, dst + g * n, n, count, bt.scale);
+          if constexpr (NG > 2)
+            if (rest == 2) score_heads<2, NP>(qr, head_dim, keys, dst + g * n, n, count, bt.scale);
+          if constexpr (NG > 3)
+            if (rest == 3) score_heads<3, NP>(qr, head_dim, keys, dst + g * n, n, count, bt.scale);
         }
       }
     }
@@ -311,8 +332,14 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
     }
   }
 
-  // Query heads per tile: as many of a kv head's group (up to 4) as divide it evenly.
-  const auto run = bt.group % 4 == 0 ? attend<4> : bt.group % 2 == 0 ? attend<2> : attend<1>;
+  // Query heads per tile: up to 4 of a kv head's group, preferring a tile size that divides
+  // it (6 as 3 + 3, not 4 + 2); a group no size divides (5, 7) takes 4 and a narrower rest.
+  const int64_t g = bt.group;
+  const auto run = g % 4 == 0 ? attend<4>
+                   : g % 3 == 0 ? attend<3>
+                   : g % 2 == 0 ? attend<2>
+                   : g > 4      ? attend<4>
+                                : attend<1>;
   // One work item is a sequence with all its kv heads; with fewer sequences than threads,
   // items split a sequence by kv head instead so every thread has work.
   const int64_t splits = num_seqs >= at::get_num_threads() ? 1 : num_kv_heads;

@@ -54,6 +54,18 @@ inline void keep_in_register(vf8& v) {
 #endif
 }
 
+// Asks for the cache line at p to be brought into L2 (a non-binding prefetch; any address is
+// safe). An asm statement rather than __builtin_prefetch: GCC 12 treats the builtin as free of
+// side effects and, assuming loops terminate (-ffinite-loops, on by default in C++), deletes a
+// loop that does nothing but prefetch when it cannot count its trips, silently.
+inline void prefetch_line(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht2 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 1);
+#endif
+}
+
 inline vf8 splat8(float x) { return vf8{x, x, x, x, x, x, x, x}; }
 
 // Lane i of the result is the sum of x[i]'s eight lanes: eight horizontal sums in 21
