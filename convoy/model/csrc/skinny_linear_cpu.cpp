@@ -20,20 +20,37 @@ using convoy::load8;
 using convoy::vf8;
 
 // out (M, N) = x (M, K) W^T * scale (per row of W, if given) + bias (if given).
+// Blocks of R rows of W between the one being read and the one being prefetched.
+constexpr int64_t kPrefetchBlocks = 4;
+
 template <typename WT>
 void skinny_rows(const float* xp, const WT* wp, const float* sp, const float* bp, float* op,
                  int64_t M, int64_t K, int64_t N) {
   constexpr int64_t R = 8;  // rows of W per pass: each element of x is loaded once per R rows
+  // A pass reads its R rows as R interleaved streams, which the hardware prefetcher follows
+  // poorly when rows are short (K = 384: 1.5 KB each, ~20 GB/s against ~33 for a plain read).
+  // The R rows kPrefetchBlocks blocks ahead are one contiguous range, so each step of 8
+  // columns also prefetches the next R * 8 weights of that range: it arrives in order, a block
+  // per block read. (A 25M model's weights: 20 -> 28 GB/s; a 200M model's: +3%.)
+  constexpr int64_t kStepBytes = R * 8 * sizeof(WT);
+  const char* wbytes = reinterpret_cast<const char*>(wp);
+  const int64_t total_bytes = N * K * static_cast<int64_t>(sizeof(WT));
   const int64_t K8 = K - K % 8;
   at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * R, rows = std::min(R, N - n0);
       const WT* w[R];  // past N, the last row again (its sums are not stored)
       for (int64_t r = 0; r < R; ++r) w[r] = wp + std::min(n0 + r, N - 1) * K;
+      const int64_t ahead = (n0 + kPrefetchBlocks * R) * K * static_cast<int64_t>(sizeof(WT));
       for (int64_t m = 0; m < M; ++m) {
         const float* xm = xp + m * K;
         vf8 acc[R] = {};
         for (int64_t k = 0; k < K8; k += 8) {
+          if (m == 0) {  // later rows of x find this block's weights in cache
+            const int64_t at = ahead + k * R * static_cast<int64_t>(sizeof(WT));
+            for (int64_t b = 0; b < kStepBytes; b += 64)
+              if (at + b < total_bytes) convoy::prefetch_line(wbytes + at + b);
+          }
           const vf8 xv = load8(xm + k);
           for (int64_t r = 0; r < R; ++r) acc[r] += xv * load8(w[r] + k);
         }
