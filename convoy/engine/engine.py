@@ -97,9 +97,9 @@ class LLMEngine:
         dtype = resolve_dtype(config.model, device)
         config = dataclasses.replace(config, cache=config.cache.for_device(device.type))
         self.config = config
-        num_blocks = num_kv_blocks_for(config.cache, self.arch, dtype)
         block_size = config.cache.block_size
         assert block_size is not None  # for_device filled it in
+        num_blocks = num_kv_blocks_for(config.cache, block_size, self.arch, dtype)
         wanted_len = config.model.max_model_len or self.arch.max_position_embeddings
         # A request must fit in the whole pool on its own, or it could never finish: cap the
         # context length by the pool (vLLM refuses to start instead; we say so and go on).

@@ -75,11 +75,14 @@ def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
     return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * itemsize
 
 
-def num_kv_blocks_for(cache: CacheConfig, arch: ModelArch, dtype: torch.dtype) -> int:
+def num_kv_blocks_for(
+    cache: CacheConfig, block_size: int, arch: ModelArch, dtype: torch.dtype
+) -> int:
+    """``num_kv_blocks`` if set, else as many ``block_size``-token blocks as
+    ``kv_cache_memory_gb`` holds."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
-    assert cache.block_size is not None, "CacheConfig.for_device fills block_size in"
-    per_block = kv_block_bytes(arch, cache.block_size, dtype)
+    per_block = kv_block_bytes(arch, block_size, dtype)
     return max(1, int(cache.kv_cache_memory_gb * 2**30) // per_block)
 
 
