@@ -117,8 +117,13 @@ def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kernel: Any = None,
 ) -> None:
-    """Store the new tokens' keys/values ``(T, Hkv, D)`` at their slots."""
+    """Store the new tokens' keys/values ``(T, Hkv, D)`` at their slots: with convoy's CPU
+    kernel (``kernel``, one row copy per token) when given, else ``index_copy_``."""
+    if kernel is not None:
+        kernel.write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return
     k_cache.index_copy_(0, slot_mapping, k)
     v_cache.index_copy_(0, slot_mapping, v)
 

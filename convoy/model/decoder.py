@@ -6,6 +6,8 @@ the fused ``qkv_proj`` and ``gate_up_proj`` matmuls (see :data:`PACKED_MODULES`)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -24,6 +26,9 @@ PACKED_MODULES: dict[str, tuple[str, str]] = {
 
 
 class Attention(nn.Module):
+    # convoy's CPU kernels, set by the runner for CPU models: new K/V are written with them.
+    kernel: Any = None
+
     def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads = arch.num_heads
@@ -63,7 +68,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before rotary
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping, self.kernel)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window)  # (T, H, D)
         return self.o_proj(o.reshape(t, self.q_size))
 

@@ -14,6 +14,7 @@ from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
 from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
 from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
+from convoy.model.decoder import Attention
 from convoy.model.host_allocator import keep_step_buffers_on_heap
 from convoy.model.layers import (
     SKINNY_MAX_ROWS,
@@ -179,8 +180,8 @@ class ModelRunner:
 
     def _attach_cpu_elementwise_kernels(self) -> None:
         """Give a float32 CPU model's norms, rotary embedding and MLP activation convoy's fused
-        kernels (one pass over memory each instead of several torch ops), and the sampler its
-        argmax."""
+        kernels (one pass over memory each instead of several torch ops), its attention layers
+        the KV cache write, and the sampler its argmax."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return
         kernels = cpu_kernels.load()
@@ -188,7 +189,7 @@ class ModelRunner:
             return
         self.sampler.kernel = kernels
         for module in self.model.modules():
-            if isinstance(module, RMSNorm | RotaryEmbedding | GatedMLP):
+            if isinstance(module, RMSNorm | RotaryEmbedding | GatedMLP | Attention):
                 module.kernel = kernels
 
     # -- per-request state -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Attention variants equal plain paged attention (no model needed): the shared-prefix split
-softmax, convoy's C++ paged decode kernel, and unmasked causal prefill of whole prompts."""
+softmax, convoy's C++ paged decode kernel, and unmasked causal prefill of whole prompts; and
+the C++ KV cache write equals ``index_copy_``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from convoy.model.attention import (
     PrefillChunk,
     SharedPrefixDecode,
     paged_attention,
+    write_kv,
 )
 
 
@@ -156,3 +158,38 @@ def test_whole_prompt_prefill_equals_masked_softmax(window: int | None) -> None:
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     want = torch.einsum("hqk,khd->qhd", probs, v)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# 3 rows: a decode step's few (one thread); 3000 rows of 128 B: a prompt's many (the kernel
+# splits writes above 256 KB across threads).
+@pytest.mark.parametrize("tokens", [3, 3000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_kernel_equals_index_copy(tokens: int, dtype: torch.dtype) -> None:
+    """K and V come as column slices of one qkv output (rows not contiguous, like the model's)
+    and land at scattered slots; untouched slots keep their contents."""
+    kernel = cpu_kernels.load()
+    assert kernel is not None, cpu_kernels.unavailable_reason()
+    gen = torch.Generator().manual_seed(2)
+    slots, kv_heads, dim = 4000, 2, 16
+    qkv = torch.randn(tokens, (4 + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    _, k, v = qkv.split([4 * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    k, v = k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    slot_mapping = torch.randperm(slots, generator=gen)[:tokens]
+    # One layer's (K, V) pair of a (2, S, Hkv, D) cache, as the runner slices it.
+    want = torch.randn(2, slots, kv_heads, dim, generator=gen).to(dtype)
+    got = want.clone()
+    write_kv(want[0], want[1], k, v, slot_mapping)
+    write_kv(got[0], got[1], k, v, slot_mapping, kernel)
+    assert torch.equal(got, want)
+    assert torch.equal(got[0, slot_mapping], k)
+
+
+def test_kv_write_kernel_refuses_slots_outside_the_cache() -> None:
+    kernel = cpu_kernels.load()
+    assert kernel is not None, cpu_kernels.unavailable_reason()
+    cache = torch.zeros(2, 8, 1, 4)
+    kv = torch.ones(2, 1, 4)
+    for bad in (8, -1):
+        with pytest.raises(RuntimeError, match="outside the cache"):
+            kernel.write_kv(cache[0], cache[1], kv, kv, torch.tensor([0, bad]))
+    assert not cache.any()
