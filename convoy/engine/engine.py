@@ -328,8 +328,10 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.parents)
 
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; return outputs of requests that got new tokens or finished."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one iteration; return outputs of requests that got new tokens or finished
+        (with ``final_only``, of those that finished: callers that only collect results, like
+        ``LLM.generate``, skip copying every running request's tokens and text each step)."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         timing = None
@@ -361,7 +363,7 @@ class LLMEngine:
         )
         t1 = time.perf_counter()
         updated = self.scheduler.update_from_output(sched, model_out.sampled)
-        outputs = self._process(model_out, updated)
+        outputs = self._process(model_out, updated, final_only)
         if self.profiler is not None and timing is not None and not sched.is_empty:
             timing.process = time.perf_counter() - t1
             self.profiler.record(timing)
@@ -376,7 +378,10 @@ class LLMEngine:
         return self.end_requests(parents, FinishReason.ERROR)
 
     def _process(
-        self, model_out: ModelOutput, updated: list[tuple[Request, list[int]]]
+        self,
+        model_out: ModelOutput,
+        updated: list[tuple[Request, list[int]]],
+        final_only: bool = False,
     ) -> list[RequestOutput]:
         touched: dict[str, _ParentRequest] = {}
         for rid, (first, entries) in model_out.prompt_logprobs.items():
@@ -394,7 +399,7 @@ class LLMEngine:
                     seq.logprobs.append(self._position_logprobs(entry))
                     seq.cumulative_logprob += entry.logprob
             self._detokenize(seq, new_tokens)
-        return [self._output(p) for p in touched.values()]
+        return [self._output(p) for p in touched.values() if p.finished or not final_only]
 
     def _detokenize(self, seq: _Sequence, new_tokens: list[int]) -> None:
         request = seq.request

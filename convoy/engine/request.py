@@ -62,6 +62,9 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.max_tokens = max_tokens  # resolved: never None here
         self.all_token_ids: list[int] = list(prompt_token_ids)
+        # The output part of all_token_ids, kept as its own list (read-only to everyone else)
+        # so that readers every step (the sampler's rows) need not slice a growing list.
+        self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
@@ -89,11 +92,7 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - len(self.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[len(self.prompt_token_ids) :]
+        return len(self.output_token_ids)
 
     @property
     def is_finished(self) -> bool:
@@ -101,6 +100,7 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
 
     def check_stop_token(self) -> bool:
         """Finish on EOS / stop_token_ids / max_tokens after the newest token; True if finished.

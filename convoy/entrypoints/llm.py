@@ -109,7 +109,7 @@ class LLM:
         start = time.perf_counter()
         try:
             while len(results) < len(ids):
-                for out in engine.step():
+                for out in engine.step(final_only=True):
                     if out.finished:
                         results[out.request_id] = out
                         if bar is not None:

@@ -465,6 +465,41 @@ def test_text_is_the_decode_of_the_tokens(model_path: str) -> None:
     assert byte_tokens > 0
 
 
+def test_final_only_steps_give_the_same_results_and_nothing_else(model_path: str) -> None:
+    """``step(final_only=True)`` (what ``LLM.generate`` uses) hands out each request once, when
+    it ends, with the same tokens, text and finish reasons as streaming every step."""
+    llm = LLM(model=model_path, num_kv_blocks=256)
+    engine = llm.engine
+    rng = random.Random(1)
+
+    def submit() -> None:
+        for i in range(6):
+            prompt = "".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 12)))
+            params = SamplingParams(
+                temperature=1.0, seed=i, max_tokens=40, n=1 + i % 2, stop=["e"] if i % 3 else []
+            )
+            engine.add_request(f"r{i}", prompt, params)
+
+    state = rng.getstate()
+    submit()
+    streamed = Collector()
+    streamed.drain(engine)
+    rng.setstate(state)
+    submit()
+    finals: dict[str, RequestOutput] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step(final_only=True):
+            assert out.finished and out.request_id not in finals
+            finals[out.request_id] = out
+    assert_idle_and_clean(engine)
+    assert sorted(finals) == [f"r{i}" for i in range(6)]
+    for rid, out in finals.items():
+        want = streamed.final(rid).outputs
+        assert [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs] == [
+            (c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in want
+        ]
+
+
 def test_utf8_split_across_prompt_and_output_never_streams_broken_text(model_path: str) -> None:
     llm = LLM(model=model_path, num_kv_blocks=256)
     engine = llm.engine

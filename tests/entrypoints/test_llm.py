@@ -102,8 +102,9 @@ def test_results_come_back_in_input_order(llm: LLM, monkeypatch: pytest.MonkeyPa
     finish_order: list[list[int]] = []
     real_step = llm.engine.step
 
-    def recording_step() -> list[RequestOutput]:
-        outs = real_step()
+    def recording_step(final_only: bool = False) -> list[RequestOutput]:
+        outs = real_step(final_only)
+        assert final_only and all(o.finished for o in outs)  # generate wants results only
         finish_order.extend(o.prompt_token_ids for o in outs if o.finished)
         return outs
 
