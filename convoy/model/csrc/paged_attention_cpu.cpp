@@ -355,8 +355,8 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 
 // k_cache[slot_mapping[t]] = k[t] and the same for v: the new tokens' keys and values stored
 // at their slots. torch's index_copy_ copies element by element through a strided iterator:
-// 30-60 us for the 64 rows of a decode step, against ~1 us for one memcpy per row here, and
-// both caches in one call. A copy, so any dtype; caches (S, Hkv, D) and k, v (T, Hkv, D), each
+// 12-27 us a K/V pair for the 64 rows of a decode step (30-60 in a running engine), against
+// 4-7 us for one memcpy per row and both caches in one call here. A copy, so any dtype; caches (S, Hkv, D) and k, v (T, Hkv, D), each
 // token's (Hkv, D) contiguous (k and v may be column slices of the qkv projection's output).
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor slot_mapping) {
