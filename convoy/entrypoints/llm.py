@@ -109,11 +109,10 @@ class LLM:
         start = time.perf_counter()
         try:
             while len(results) < len(ids):
-                for out in engine.step(final_only=True):
-                    if out.finished:
-                        results[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
+                for out in engine.step(final_only=True):  # finished requests only
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
                 if bar is not None:
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(

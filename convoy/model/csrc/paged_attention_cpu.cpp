@@ -356,8 +356,9 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 // k_cache[slot_mapping[t]] = k[t] and the same for v: the new tokens' keys and values stored
 // at their slots. torch's index_copy_ copies element by element through a strided iterator:
 // 12-27 us a K/V pair for the 64 rows of a decode step (30-60 in a running engine), against
-// 4-7 us for one memcpy per row and both caches in one call here. A copy, so any dtype; caches (S, Hkv, D) and k, v (T, Hkv, D), each
-// token's (Hkv, D) contiguous (k and v may be column slices of the qkv projection's output).
+// 4-7 us here for one memcpy per row and both caches in one call. A copy, so any dtype;
+// caches (S, Hkv, D) and k, v (T, Hkv, D), each token's (Hkv, D) contiguous (k and v may be
+// column slices of the qkv projection's output).
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor slot_mapping) {
   TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3 && k.dim() == 3 && v.dim() == 3,
@@ -392,7 +393,7 @@ void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, tor
   const auto* vp = static_cast<const char*>(v.data_ptr());
   const int64_t kcs = k_cache.stride(0) * item, vcs = v_cache.stride(0) * item;
   const int64_t ks = k.stride(0) * item, vs = v.stride(0) * item;
-  // Threads only for prompt-sized writes: a decode step's few KB copy faster than a fork.
+  // Threads only for prompt-sized writes: a decode step's 32-128 KB copy faster than a fork.
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / (2 * row_bytes));
   at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
