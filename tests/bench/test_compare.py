@@ -61,6 +61,44 @@ def test_cell_medians_and_pct_of_bound() -> None:
     assert cell.pct_of_bound == 25.0  # 0.5 s / 2 s
 
 
+def test_pct_of_bound_takes_each_run_at_its_own_peaks() -> None:
+    # Start-of-run bound 0.5 s; the runs' own bounds 0.8, 0.6, 1.0 s over 1, 2, 4 s:
+    # 80%, 30%, 25% -> median 30%. Against the start bound: 0.5 / 2 (median time) = 25%.
+    runs = [compare.Run(1.0, 100, 0.8), compare.Run(2.0, 100, 0.6), compare.Run(4.0, 100, 1.0)]
+    cell = compare.Cell("random", "convoy", "f32", runs=runs, bound_s=0.5)
+    assert cell.pct_of_bound == pytest.approx(30.0)
+    assert cell.pct_of_start_bound == pytest.approx(25.0)
+    # One run without its own peaks: every run falls back to the start-of-run bound.
+    cell.runs.append(compare.Run(2.0, 100))
+    assert cell.pct_of_bound == cell.pct_of_start_bound == pytest.approx(25.0)
+
+
+def test_run_jobs_measures_peaks_before_every_run() -> None:
+    # A bound that is 1 s at 100 GFLOP/s and scales with 1 / peak; the "machine" measures 100
+    # then 200 GFLOP/s, and each run takes 2 s: 50% of bound, then 25%.
+    measured = iter([100.0, 200.0])
+
+    def peaks_now() -> dict[str, float]:
+        return {"peak_gflops": next(measured), "bandwidth_gbs": 10.0}
+
+    cell = compare.Cell("random", "convoy", "f32", bound_s=1.0)
+    reqs = [BenchRequest([1], 4)]
+    job = compare.Job(cell, reqs, lambda r: (2.0, [4]), lambda pk: 100.0 / pk["peak_gflops"])
+    compare.run_jobs([job], 2, peaks_now)
+    assert [r.bound_s for r in cell.runs] == [1.0, 0.5]
+    assert [r.peaks["peak_gflops"] for r in cell.runs if r.peaks] == [100.0, 200.0]
+    assert cell.pct_of_bound == pytest.approx(37.5)  # median of 50% and 25%
+    assert compare.per_run_peaks_lines([cell]) == [
+        "- measured again before each of the 2 runs: matmul peak 100.0-200.0 GFLOP/s (median "
+        "150.0), bandwidth 10.0-10.0 GB/s (median 10.0); each run's bound is taken at its own"
+    ]
+    # Without a measuring function the runs keep no peaks and the start bound counts.
+    plain = compare.Cell("random", "convoy", "f32", bound_s=1.0)
+    compare.run_jobs([compare.Job(plain, reqs, lambda r: (2.0, [4]))], 1)
+    assert plain.runs[0].bound_s is None and plain.pct_of_bound == 50.0
+    assert compare.per_run_peaks_lines([plain]) == []
+
+
 def test_check_lengths() -> None:
     reqs = [BenchRequest([1, 2], 3), BenchRequest([4], 2)]
     compare.check_lengths([3, 2], reqs)
@@ -259,3 +297,10 @@ def test_render_rebuilds_the_report_from_saved_json(tmp_path: Path) -> None:
     cells = compare.cells_from_json(saved)
     assert [c.median_tps for c in cells] == [200.0]
     assert cells[0].pct_of_bound == 50.0
+    # Per-run bounds and peaks survive the round trip.
+    run = compare.Run(2.0, 400, 1.5, {"peak_gflops": 150.0, "bandwidth_gbs": 30.0})
+    cell = compare.Cell("random", "convoy", "f32", runs=[run], bound_s=1.0)
+    saved.write_text(json.dumps({"cells": [cell.to_dict()], "report_header": []}))
+    (back,) = compare.cells_from_json(saved)
+    assert back.runs == [run]
+    assert back.pct_of_bound == 75.0 and back.pct_of_start_bound == 50.0
