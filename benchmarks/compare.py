@@ -727,7 +727,7 @@ def build_jobs(
             for wname, (conc, reqs) in workloads.items():
                 cfg = f"f32, max_num_seqs={conv.max_num_seqs}"
                 b = bound(reqs, 4, conv.max_num_seqs, conv.max_num_batched_tokens)
-                cell = Cell(wname, "convoy", cfg, conc, bound_s=b(peaks))
+                cell = Cell(wname, "convoy", cfg, conc)
                 jobs.append(Job(cell, reqs, conv.run, b))
             # At most SKINNY_MAX_ROWS streams, convoy keeps its weights in the plain layout that
             # its matrix-vector kernel reads (linear_backend=auto); configured for the
@@ -739,7 +739,7 @@ def build_jobs(
                     if conc is not None and conc <= few:
                         cfg = f"f32, max_num_seqs={few}"
                         b = bound(reqs, 4, few, small.max_num_batched_tokens)
-                        cell = Cell(wname, "convoy", cfg, conc, bound_s=b(peaks))
+                        cell = Cell(wname, "convoy", cfg, conc)
                         jobs.append(Job(cell, reqs, small.run, b))
             if SHARED_PREFIX in workloads:
                 # The same engine with its prefix cache off: what caching buys on this workload.
@@ -747,7 +747,7 @@ def build_jobs(
                 off = ConvoyEngine(model_dir, conv.max_num_seqs, prefix_caching=False)
                 cfg = f"f32, max_num_seqs={off.max_num_seqs}, enable_prefix_caching=False"
                 b = bound(reqs, 4, off.max_num_seqs, off.max_num_batched_tokens)
-                cell = Cell(SHARED_PREFIX, "convoy, no prefix cache", cfg, conc, bound_s=b(peaks))
+                cell = Cell(SHARED_PREFIX, "convoy, no prefix cache", cfg, conc)
                 jobs.append(Job(cell, reqs, off.run, b))
         except Exception as e:
             traceback.print_exc()
@@ -761,7 +761,7 @@ def build_jobs(
                 for bs in sizes:
                     b = bound(reqs, 4, bs, UNLIMITED_TOKENS)
                     cfg = f"f32, batch={bs}"
-                    cell = Cell(wname, "transformers static", cfg, conc, bound_s=b(peaks))
+                    cell = Cell(wname, "transformers static", cfg, conc)
                     jobs.append(Job(cell, reqs, functools.partial(hf.run, batch_size=bs), b))
         except Exception as e:
             traceback.print_exc()
@@ -777,14 +777,14 @@ def build_jobs(
                 cap = conc if conc is not None else len(reqs)
                 b = bound(reqs, 4, cap, UNLIMITED_TOKENS)
                 cfg = f"f32, max_requests_per_batch={cap}"
-                cell = Cell(wname, name, cfg, conc, bound_s=b(peaks))
+                cell = Cell(wname, name, cfg, conc)
                 jobs.append(Job(cell, reqs, functools.partial(cb.run, max_requests=cap), b))
         except Exception as e:
             traceback.print_exc()
             add_failed(name, "f32", f"failed to load: {type(e).__name__}: {e}")
 
     if "llamacpp" in engines:
-        add_llamacpp_jobs(args, model_dir, workloads, jobs, bound, peaks)
+        add_llamacpp_jobs(args, model_dir, workloads, jobs, bound)
 
     if "vllm" in engines:
         reason = vllm_status(args.vllm_python)
@@ -808,8 +808,11 @@ def build_jobs(
 
                 b = bound(reqs, 4, seqs, UNLIMITED_TOKENS)
                 cfg = f"f32, max_num_seqs={seqs}, KV cache {args.vllm_kvcache_gib} GiB"
-                cell = Cell(wname, "vllm-cpu", cfg, conc, bound_s=b(peaks))
+                cell = Cell(wname, "vllm-cpu", cfg, conc)
                 jobs.append(Job(cell, reqs, run_vllm, b))
+    for job in jobs:  # every cell's bound at the peaks measured at the start
+        if job.bound is not None:
+            job.cell.bound_s = job.bound(peaks)
     return jobs
 
 
@@ -825,7 +828,6 @@ def add_llamacpp_jobs(
     workloads: dict[str, tuple[int | None, list[BenchRequest]]],
     jobs: list[Job],
     bound: Callable[[Sequence[BenchRequest], int, int, int], BoundFn],
-    peaks: dict[str, float],
 ) -> None:
     """llama.cpp rows, per GGUF type and workload: llama-cpp-python batched (one row per
     ``--llamacpp-parallel`` on ``random``, ``n_parallel = c`` on ``c=N``) and
@@ -886,7 +888,6 @@ def add_llamacpp_jobs(
                     )
 
                 b = bound(reqs, nbytes, par, LLAMACPP_N_BATCH)
-                cell.bound_s = b(peaks)
                 jobs.append(Job(cell, reqs, run_llama, b))
             add_batched_bench_job(
                 args,
@@ -899,7 +900,6 @@ def add_llamacpp_jobs(
                 bench_bin,
                 jobs,
                 bound,
-                peaks,
             )
 
 
@@ -914,7 +914,6 @@ def add_batched_bench_job(
     bench_bin: Path,
     jobs: list[Job],
     bound: Callable[[Sequence[BenchRequest], int, int, int], BoundFn],
-    peaks: dict[str, float],
 ) -> None:
     """One ``llama-batched-bench`` row: B = every request of the workload at once, PP = their
     mean prompt length, TG = the output length; output tok/s = B * TG / T."""
@@ -956,7 +955,6 @@ def add_batched_bench_job(
 
     fixed = [BenchRequest([0] * pp, tg) for _ in range(n_seqs)]
     b = bound(fixed, GGUF_DTYPE_BYTES[outtype], n_seqs, BATCHED_BENCH_N_BATCH)
-    cell.bound_s = b(peaks)
     jobs.append(Job(cell, reqs, run_bench, b))
 
 
