@@ -64,6 +64,15 @@ class ModelConfig:
             "else plain). Falls back to torch where oneDNN or the kernel is missing."
         },
     )
+    greedy_screening: bool = field(
+        default=True,
+        metadata={
+            "help": "float32 CPU models on CPUs with native bfloat16 (AVX512-BF16, AMX): greedy "
+            "rows take their token from a bfloat16 pass over the vocabulary projection plus "
+            "float32 logits for the few tokens its proven error bound leaves in reach: the "
+            "float32 argmax, at about half the head's cost. Off: the full float32 projection."
+        },
+    )
 
 
 @dataclass

@@ -3,7 +3,8 @@
 For every supported architecture the same 16 prompts (1 to 300 tokens) are generated
 (a) one request at a time, (b) all at once, (c) with a 16-token step budget that forces
 chunked prefill, (d) with a KV pool so small that requests get preempted, (e) with each
-choice of CPU linear and attention path. Token ids must be
+choice of CPU linear and attention path, (f) without logprobs, so that greedy rows go through
+the bfloat16 screen of the head where the CPU has one. Token ids must be
 identical to ``transformers.generate``; token and prompt logprobs within 1e-4.
 """
 
@@ -88,6 +89,7 @@ def poison_kv_cache(llm: LLM) -> None:
 PARAMS = SamplingParams(
     temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0, prompt_logprobs=0
 )
+TOKENS_ONLY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 # mode -> engine arguments
 MODES: dict[str, dict[str, Any]] = {
@@ -133,3 +135,9 @@ def test_greedy_matches_transformers(case: str, make_checkpoint: Callable[..., P
         if mode == "preempting":
             assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.kv_cache.pool.num_free_blocks == llm.engine.kv_cache.num_blocks
+
+    # Greedy rows asking for no logprobs take their token from the bfloat16 screen of the head
+    # where the CPU multiplies bfloat16 natively (convoy.model.greedy_head): the same tokens.
+    llm = LLM(model=str(path), max_model_len=512)
+    outputs = llm.generate(prompts, TOKENS_ONLY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [r["tokens"] for r in refs], "screened"

@@ -21,6 +21,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [
     _CSRC / "bindings.cpp",
     _CSRC / "elementwise_cpu.cpp",
+    _CSRC / "greedy_head_cpu.cpp",
     _CSRC / "paged_attention_cpu.cpp",
     _CSRC / "skinny_linear_cpu.cpp",
 ]

@@ -160,6 +160,12 @@ class Sampler:
         return tokens.clamp_(max=probs.shape[1] - 1)
 
 
+def plain_greedy(row: SamplingRow) -> bool:
+    """Whether ``row``'s token is just the argmax of its raw logits: greedy, no logprobs, and
+    nothing that changes logits first."""
+    return row.params.greedy and row.params.logprobs is None and not _constrained(row)
+
+
 def _constrained(row: SamplingRow) -> bool:
     """Whether ``row``'s logits change before sampling (so the batch's must be copied)."""
     p = row.params

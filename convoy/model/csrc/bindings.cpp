@@ -18,6 +18,8 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up);
 void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k, torch::Tensor cos,
                       torch::Tensor sin);
 torch::Tensor argmax_rows(torch::Tensor x);
+torch::Tensor screened_argmax(torch::Tensor approx, torch::Tensor x, torch::Tensor weight,
+                              torch::Tensor row_bound, int64_t max_candidates);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -34,4 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding,
         "Rotary embedding of q and k in place at the given positions, float32 (CPU)");
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) for float32 rows (CPU)");
+  m.def("screened_argmax", &screened_argmax,
+        "argmax of x W^T per row from its bfloat16 screen, -1 where it cannot settle it (CPU)");
 }
