@@ -256,16 +256,17 @@ class ModelRunner:
                 for s, _ in sampling
             ]
             tokens: list[int | None] = [None] * len(rows)
-            screened = [k for k, r in enumerate(rows) if plain_greedy(r)]
-            if self.greedy_head is not None and screened:
-                picked = self.greedy_head(last_hidden[screened]).tolist()
+            if self.greedy_head is not None:
+                screened = [k for k, r in enumerate(rows) if plain_greedy(r)]
+                picked = self.greedy_head(last_hidden[screened]).tolist() if screened else []
                 for k, token in zip(screened, picked, strict=True):
                     tokens[k] = token if token >= 0 else None
             # The rest (sampled rows, logprobs, penalties; rows the screen left): full logits.
             rest = [k for k, token in enumerate(tokens) if token is None]
             top, at = None, {k: i for i, k in enumerate(rest)}
             if rest:
-                logits = self.model.compute_logits(last_hidden[rest])  # (len(rest), V)
+                rest_hidden = last_hidden if len(rest) == len(rows) else last_hidden[rest]
+                logits = self.model.compute_logits(rest_hidden)  # (len(rest), V)
                 t3 = time.perf_counter()
                 rest_tokens, top = self.sampler(logits, [rows[k] for k in rest])
                 for k, token in zip(rest, rest_tokens, strict=True):
