@@ -113,6 +113,8 @@ TOKENIZER_VOCAB = 32000
 TOKENIZER_CORPUS_BYTES = 8_000_000
 UNLIMITED_TOKENS = 10**9
 SHARED_PREFIX = "shared-prefix"
+# convoy with greedy_screening=False: the whole head in float32 for greedy rows too.
+NO_SCREEN = "convoy, no greedy screen"
 DEFAULT_LLAMACPP_PYTHON = "/work/peer-llamacpp/bin/python"
 LLAMACPP_BUILD_LOG = Path("/tmp/llamacpp-build.log")
 DEFAULT_LLAMACPP_TOOLS = "/work/llamacpp-build/bin"
@@ -386,7 +388,13 @@ RunFn = Callable[[Sequence[BenchRequest]], tuple[float, list[int]]]
 class ConvoyEngine:
     """convoy's offline API, float32."""
 
-    def __init__(self, model_dir: Path, max_num_seqs: int, prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        max_num_seqs: int,
+        prefix_caching: bool = True,
+        greedy_screening: bool = True,
+    ) -> None:
         from convoy import LLM
 
         self.llm = LLM(
@@ -394,7 +402,11 @@ class ConvoyEngine:
             dtype="float32",
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=prefix_caching,
+            greedy_screening=greedy_screening,
         )
+        # Whether greedy rows go through the bfloat16 screen of the head (CPUs with native
+        # bfloat16): the tokens are float32's either way, the head's cost is not.
+        self.screened = self.llm.engine.runner.greedy_head is not None
         sched = self.llm.engine.config.scheduler
         self.max_num_seqs = sched.max_num_seqs
         self.max_num_batched_tokens = sched.max_num_batched_tokens
@@ -723,24 +735,36 @@ def build_jobs(
     if "convoy" in engines:
         try:
             largest = max(len(r) for _, r in workloads.values())
-            conv = ConvoyEngine(model_dir, max(largest, args.convoy_max_num_seqs))
-            for wname, (conc, reqs) in workloads.items():
-                cfg = f"f32, max_num_seqs={conv.max_num_seqs}"
-                b = bound(reqs, 4, conv.max_num_seqs, conv.max_num_batched_tokens)
-                cell = Cell(wname, "convoy", cfg, conc)
-                jobs.append(Job(cell, reqs, conv.run, b))
-            # At most SKINNY_MAX_ROWS streams, convoy keeps its weights in the plain layout that
-            # its matrix-vector kernel reads (linear_backend=auto); configured for the
-            # concurrency like the peers' rows are.
-            few = SKINNY_MAX_ROWS
-            if any(c is not None and c <= few for c, _ in workloads.values()):
-                small = ConvoyEngine(model_dir, few)
+
+            def add_convoy(engine: str, screening: bool) -> ConvoyEngine:
+                conv = ConvoyEngine(
+                    model_dir, max(largest, args.convoy_max_num_seqs), greedy_screening=screening
+                )
                 for wname, (conc, reqs) in workloads.items():
-                    if conc is not None and conc <= few:
-                        cfg = f"f32, max_num_seqs={few}"
-                        b = bound(reqs, 4, few, small.max_num_batched_tokens)
-                        cell = Cell(wname, "convoy", cfg, conc)
-                        jobs.append(Job(cell, reqs, small.run, b))
+                    if wname == SHARED_PREFIX and not screening:
+                        continue  # the baseline's point is the head, shown on the others
+                    cfg = f"f32, max_num_seqs={conv.max_num_seqs}"
+                    b = bound(reqs, 4, conv.max_num_seqs, conv.max_num_batched_tokens)
+                    jobs.append(Job(Cell(wname, engine, cfg, conc), reqs, conv.run, b))
+                # At most SKINNY_MAX_ROWS streams, convoy keeps its weights in the plain layout
+                # that its matrix-vector kernel reads (linear_backend=auto); configured for the
+                # concurrency like the peers' rows are.
+                few = SKINNY_MAX_ROWS
+                if any(c is not None and c <= few for c, _ in workloads.values()):
+                    small = ConvoyEngine(model_dir, few, greedy_screening=screening)
+                    for wname, (conc, reqs) in workloads.items():
+                        if conc is not None and conc <= few:
+                            cfg = f"f32, max_num_seqs={few}"
+                            b = bound(reqs, 4, few, small.max_num_batched_tokens)
+                            cell = Cell(wname, engine, cfg, conc)
+                            jobs.append(Job(cell, reqs, small.run, b))
+                return conv
+
+            conv = add_convoy("convoy", screening=True)
+            if conv.screened and args.screen_baseline:
+                # The same engine computing the whole head in float32 for greedy rows too: what
+                # the screen buys (the tokens are the same).
+                add_convoy(NO_SCREEN, screening=False)
             if SHARED_PREFIX in workloads:
                 # The same engine with its prefix cache off: what caching buys on this workload.
                 conc, reqs = workloads[SHARED_PREFIX]
@@ -1214,6 +1238,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median shown)")
     p.add_argument("--hf-batch-sizes", type=_csv(int), default=[16, 64])
     p.add_argument("--convoy-max-num-seqs", type=int, default=128)
+    p.add_argument(
+        "--screen-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run convoy with greedy_screening=False (where it screens at all), as the "
+        "column 'convoy, no greedy screen'",
+    )
     p.add_argument("--gguf-types", type=_csv(str), default=["f32", "f16", "q8_0"])
     p.add_argument("--llamacpp-python", default=DEFAULT_LLAMACPP_PYTHON)
     p.add_argument("--llama-cpp-dir", type=Path, help="llama.cpp source (converter, gguf-py)")

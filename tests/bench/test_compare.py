@@ -9,6 +9,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -304,3 +305,33 @@ def test_render_rebuilds_the_report_from_saved_json(tmp_path: Path) -> None:
     (back,) = compare.cells_from_json(saved)
     assert back.runs == [run]
     assert back.pct_of_bound == 75.0 and back.pct_of_start_bound == 50.0
+
+
+def test_convoy_jobs_include_the_no_screen_baseline(
+    make_checkpoint: Callable[..., Path],
+) -> None:
+    """Where convoy screens greedy rows, every convoy row gets a twin with the screen off (its
+    own column), unless --no-screen-baseline (the tokens are the same either way:
+    tests/model/test_greedy_head.py)."""
+    from convoy.model.greedy_head import fast_bf16
+
+    path = make_checkpoint("llama")
+    shape = compare.roofline.ModelShape.from_dict(json.loads((path / "config.json").read_text()))
+    reqs = [BenchRequest([5 + i, 6, 7], 4) for i in range(3)]
+    workloads = {"random": (None, reqs), "c=1": (1, reqs[:1])}
+    peaks = {"bandwidth_gbs": 30.0, "peak_gflops": 200.0}
+
+    def cells(*flags: str) -> list[tuple[str, str, str]]:
+        args = compare.parse_args(["--engines", "convoy", *flags])
+        jobs = compare.build_jobs(args, path, workloads, shape, peaks)
+        return [(j.cell.workload, j.cell.engine, j.cell.config) for j in jobs]
+
+    with_twin = cells()
+    convoy_rows = [
+        ("random", "convoy", "f32, max_num_seqs=128"),
+        ("c=1", "convoy", "f32, max_num_seqs=128"),
+        ("c=1", "convoy", "f32, max_num_seqs=4"),
+    ]
+    twins = [(w, compare.NO_SCREEN, c) for w, _, c in convoy_rows]
+    assert with_twin == (convoy_rows + twins if fast_bf16() else convoy_rows)
+    assert cells("--no-screen-baseline") == convoy_rows
