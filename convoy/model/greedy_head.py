@@ -11,7 +11,10 @@ screened logit is within a proven bound of the float32 one:
 
 with c(C) from rounding x and w to bfloat16 (relative 2^-8 each), summing C products in
 float32 (gamma_C = C 2^-24 / (1 - C 2^-24), for the screen and again for the float32 logit
-it is compared with) and rounding the screened sum to bfloat16 (2^-8): about 3 * 2^-8.
+it is compared with) and rounding the screened sum to bfloat16 (2^-8): about 3 * 2^-8. (The
+screen's sum is float32 because oneDNN's bfloat16 kernels accumulate in float32: products of
+two bfloat16 values are exact in float32, and AVX512-BF16's dot-product instruction rounds
+each addition to nearest.)
 The argmax j* of y is then among the tokens whose upper bound ``a_j + E_j`` reaches the
 highest lower bound ``max_k (a_k - E_k)``: y_j* >= y_k >= a_k - E_k for the k holding it. The
 kernel computes those few tokens' float32 logits from the plain weight and keeps the first

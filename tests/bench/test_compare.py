@@ -311,7 +311,7 @@ def test_convoy_jobs_include_the_no_screen_baseline(
     make_checkpoint: Callable[..., Path],
 ) -> None:
     """Where convoy screens greedy rows, every convoy row gets a twin with the screen off (its
-    own column), unless --no-screen-baseline (the tokens are the same either way:
+    own column), with --screen-baseline (the tokens are the same either way:
     tests/model/test_greedy_head.py)."""
     from convoy.model.greedy_head import fast_bf16
 
@@ -326,7 +326,7 @@ def test_convoy_jobs_include_the_no_screen_baseline(
         jobs = compare.build_jobs(args, path, workloads, shape, peaks)
         return [(j.cell.workload, j.cell.engine, j.cell.config) for j in jobs]
 
-    with_twin = cells()
+    with_twin = cells("--screen-baseline")
     convoy_rows = [
         ("random", "convoy", "f32, max_num_seqs=128"),
         ("c=1", "convoy", "f32, max_num_seqs=128"),
@@ -334,4 +334,4 @@ def test_convoy_jobs_include_the_no_screen_baseline(
     ]
     twins = [(w, compare.NO_SCREEN, c) for w, _, c in convoy_rows]
     assert with_twin == (convoy_rows + twins if fast_bf16() else convoy_rows)
-    assert cells("--no-screen-baseline") == convoy_rows
+    assert cells() == convoy_rows
