@@ -4,13 +4,16 @@
 // Per row: pass 1 takes the highest lower bound lo = max_j (a_j - E_j) of the screened logits
 // a_j (bfloat16) with their error bounds E_j = |x| * row_bound_j + kAbsSlack; pass 2 computes
 // the float32 logit x . w_j of every token whose upper bound a_j + E_j reaches lo (the true
-// argmax is always one of them) and keeps the first maximum, as torch.argmax does.
+// argmax is always one of them), visiting only the blocks of tokens whose highest upper bound
+// does, and keeps the first maximum, as torch.argmax does.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "vec.h"
 
@@ -24,6 +27,9 @@ using vi8 = int32_t __attribute__((vector_size(32)));
 // Covers the errors no relative bound does: bfloat16 and its dot-product instructions flush
 // values below 2^-126 to zero (one such term is under 2^-126 |w_i|), far below this.
 constexpr float kAbsSlack = 0x1p-100f;
+
+// Tokens per block of pass 1's per-block maximum (a multiple of 8).
+constexpr int64_t kBlock = 128;
 
 // Eight bfloat16 values as floats (exact: a bfloat16 is a float's upper 16 bits).
 inline vf8 load8(const at::BFloat16* p) {
@@ -63,14 +69,26 @@ int64_t screen_row(const at::BFloat16* a, const float* x, const float* w, const 
   const vf8 xv = splat8(xn), slack = splat8(kAbsSlack);
   const int64_t V8 = V - V % 8;
 
-  // Pass 1: the highest lower bound, and whether any screened logit is NaN or infinite.
+  // Pass 1: the highest lower bound, whether any screened logit is NaN or infinite, and each
+  // block's highest upper bound, so that pass 2 skips the blocks that cannot reach the top.
+  thread_local std::vector<float> block_hi;
+  const int64_t nblocks = (V8 + kBlock - 1) / kBlock;
+  block_hi.resize(nblocks);
   vf8 lov = splat8(-INFINITY);
   vi8 bad = {};
-  for (int64_t j = 0; j < V8; j += 8) {
-    const vf8 av = load8(a + j);
-    const vf8 lo = av - (xv * load8(rb + j) + slack);
-    lov = lo > lov ? lo : lov;
-    bad |= (av - av) != (av - av);  // NaN - NaN and inf - inf are NaN, never equal
+  for (int64_t b = 0; b < nblocks; ++b) {
+    vf8 hiv = splat8(-INFINITY);
+    for (int64_t j = b * kBlock; j < std::min(V8, (b + 1) * kBlock); j += 8) {
+      const vf8 av = load8(a + j);
+      const vf8 e = xv * load8(rb + j) + slack;
+      const vf8 lo = av - e, hi = av + e;
+      lov = lo > lov ? lo : lov;
+      hiv = hi > hiv ? hi : hiv;
+      bad |= (av - av) != (av - av);  // NaN - NaN and inf - inf are NaN, never equal
+    }
+    float h = -INFINITY;
+    for (int k = 0; k < 8; ++k) h = hiv[k] > h ? hiv[k] : h;
+    block_hi[b] = h;
   }
   float lo = -INFINITY;
   for (int k = 0; k < 8; ++k) {
@@ -96,13 +114,13 @@ int64_t screen_row(const at::BFloat16* a, const float* x, const float* w, const 
     }
     return ++count <= max_candidates;
   };
-  for (int64_t j = 0; j < V8; j += 8) {
-    const vi8 reach = (load8(a + j) + (xv * load8(rb + j) + slack)) >= lov2;
-    bool any = false;
-    for (int k = 0; k < 8; ++k) any |= reach[k] != 0;
-    if (!any) continue;
-    for (int k = 0; k < 8; ++k)
-      if (reach[k] && !consider(j + k)) return -1;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    if (!(block_hi[b] >= lo)) continue;  // the same sums as pass 1's: none of its tokens reach
+    for (int64_t j = b * kBlock; j < std::min(V8, (b + 1) * kBlock); j += 8) {
+      const vi8 reach = (load8(a + j) + (xv * load8(rb + j) + slack)) >= lov2;
+      for (int k = 0; k < 8; ++k)
+        if (reach[k] && !consider(j + k)) return -1;
+    }
   }
   for (int64_t j = V8; j < V; ++j) {
     const float aj = static_cast<float>(a[j]);
