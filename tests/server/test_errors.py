@@ -271,6 +271,10 @@ def test_full_queue_is_429_with_retry_after(limited_server: ServerProcess) -> No
 def test_streams_hold_their_admission_slot(limited_server: ServerProcess) -> None:
     """While one stream runs and another waits for its slot, a third request gets 429."""
     body = {**GOOD, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    # The first stream must outlast the test's pauses on a fast machine: 8 samples with top
+    # logprobs make ~2 MB of events, more than loopback buffers hold while nobody reads them
+    # (400 plain tokens finish in a fraction of a second).
+    long_body = {**body, "max_tokens": 480, "n": 8, "logprobs": 5}
     waiting: dict[str, int] = {}
 
     def second_stream() -> None:
@@ -284,7 +288,7 @@ def test_streams_hold_their_admission_slot(limited_server: ServerProcess) -> Non
                     break
 
     with httpx.Client(base_url=limited_server.base_url, timeout=30, headers=AUTH) as c:
-        first = c.send(c.build_request("POST", "/v1/completions", json=body), stream=True)
+        first = c.send(c.build_request("POST", "/v1/completions", json=long_body), stream=True)
         # Keep the iterator referenced: closing it (as garbage) would close the stream.
         lines = first.iter_lines()
         try:
