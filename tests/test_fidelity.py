@@ -4,7 +4,8 @@ For every supported architecture the same 16 prompts (1 to 300 tokens) are gener
 (a) one request at a time, (b) all at once, (c) with a 16-token step budget that forces
 chunked prefill, (d) with a KV pool so small that requests get preempted, (e) with each
 choice of CPU linear and attention path, (f) without logprobs, so that greedy rows go through
-the bfloat16 screen of the head where the CPU has one. Token ids must be
+the bfloat16 screen of the head where the CPU has one, (g) without prompt logprobs, so that
+the last layer computes only the rows that sample. Token ids must be
 identical to ``transformers.generate``; token and prompt logprobs within 1e-4.
 """
 
@@ -60,7 +61,12 @@ def hf_reference(path: Path, prompts: list[list[int]]) -> list[dict[str, Any]]:
     return refs
 
 
-def check_against(outputs: list[RequestOutput], refs: list[dict[str, Any]], mode: str) -> None:
+def check_against(
+    outputs: list[RequestOutput],
+    refs: list[dict[str, Any]],
+    mode: str,
+    prompt_logprobs: bool = True,
+) -> None:
     for i, (out, ref) in enumerate(zip(outputs, refs, strict=True)):
         comp = out.outputs[0]
         assert comp.token_ids == ref["tokens"], f"{mode}: prompt {i} tokens differ"
@@ -68,6 +74,8 @@ def check_against(outputs: list[RequestOutput], refs: list[dict[str, Any]], mode
         assert comp.logprobs is not None
         got = [comp.logprobs[j][t].logprob for j, t in enumerate(comp.token_ids)]
         assert max(abs(a - b) for a, b in zip(got, ref["logprobs"], strict=True)) < TOL, mode
+        if not prompt_logprobs:
+            continue
         assert out.prompt_logprobs is not None
         assert out.prompt_logprobs[0] is None
         got_p = [
@@ -90,6 +98,8 @@ PARAMS = SamplingParams(
     temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0, prompt_logprobs=0
 )
 TOKENS_ONLY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+# No prompt logprobs: the last layer computes the sampled rows only (output_rows).
+SAMPLED_ONLY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
 
 # mode -> engine arguments
 MODES: dict[str, dict[str, Any]] = {
@@ -103,6 +113,21 @@ MODES: dict[str, dict[str, Any]] = {
     "plain linears": {"linear_backend": "plain"},
     "torch ops only": {"linear_backend": "torch", "attention_backend": "torch"},
 }
+
+
+def count_output_row_steps(llm: LLM) -> dict[str, int]:
+    """Count the steps whose last layer computes fewer rows than the batch has (from now on)."""
+    model = llm.engine.runner.model
+    forward = model.forward
+    seen = {"steps": 0}
+
+    def counting(input_ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        hidden = forward(input_ids, *args)
+        seen["steps"] += hidden.shape[0] < input_ids.shape[0]
+        return hidden
+
+    model.forward = counting  # type: ignore[method-assign]
+    return seen
 
 
 def torch_ops_only(llm: LLM) -> None:
@@ -135,6 +160,14 @@ def test_greedy_matches_transformers(case: str, make_checkpoint: Callable[..., P
         if mode == "preempting":
             assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.kv_cache.pool.num_free_blocks == llm.engine.kv_cache.num_blocks
+        if mode in ("batched", "chunked", "torch ops only"):
+            # Prompt logprobs need every row's hidden state; without them the last layer
+            # computes only the rows that sample, chunks stopping short of a prompt's end
+            # none: the same tokens and logprobs.
+            pruned = count_output_row_steps(llm)
+            outputs = llm.generate(prompts, SAMPLED_ONLY, use_tqdm=False)
+            check_against(outputs, refs, f"{mode}, sampled rows only", prompt_logprobs=False)
+            assert pruned["steps"] > 0
 
     # Greedy rows asking for no logprobs take their token from the bfloat16 screen of the head
     # where the CPU multiplies bfloat16 natively (convoy.model.greedy_head): the same tokens.

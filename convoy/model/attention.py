@@ -64,6 +64,12 @@ class AttentionMetadata:
     prefix_groups: list[SharedPrefixDecode] = field(default_factory=list)
     suffix_slots: torch.Tensor | None = None  # (D, Smax)
     suffix_lens: torch.Tensor | None = None  # (D,)
+    # Set when only some rows' final hidden states are used (the sampled ones; a prompt chunk
+    # that stops short of its last token samples nothing): those rows of the batch, in order,
+    # and this metadata for them alone. The last layer then writes every row's keys and
+    # values but computes queries, attention and MLP for these rows only.
+    output_rows: torch.Tensor | None = None
+    output_meta: AttentionMetadata | None = None
     # Masks depend on the layer's sliding window; built once per step per window.
     _masks: dict[int | None, tuple[torch.Tensor | None, list[torch.Tensor | None]]] = field(
         default_factory=dict

@@ -58,7 +58,10 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (T, C)
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        output_layer: bool = False,
     ) -> torch.Tensor:
+        """``output_layer``: the model's last layer, whose queries are needed only for
+        ``meta.output_rows`` when that is set; every row's keys and values are still written."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # (T, H, D)
@@ -69,6 +72,11 @@ class Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping, self.kernel)
+        if output_layer and meta.output_rows is not None and meta.output_meta is not None:
+            q, meta = q.index_select(0, meta.output_rows), meta.output_meta
+            t = q.shape[0]
+            if t == 0:
+                return x.new_empty((0, x.shape[1]))
         o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window)  # (T, H, D)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -90,16 +98,25 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        output_layer: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` is the previous layer's MLP output, not yet added to the residual stream
         (``residual``; ``None`` for the first layer, whose ``x`` is the embeddings): each add
-        happens inside the norm that follows it. Returns this layer's (MLP output, residual)."""
+        happens inside the norm that follows it. Returns this layer's (MLP output, residual).
+
+        ``output_layer`` (the last layer): when ``meta.output_rows`` is set, both come back for
+        those rows only; a row's final hidden state depends on the other rows only through the
+        keys and values, which are written for all of them."""
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, kv_cache, meta)
+        h = self.self_attn(positions, h, kv_cache, meta, output_layer)
+        if output_layer and meta.output_rows is not None:
+            residual = residual.index_select(0, meta.output_rows)
+            if h.shape[0] == 0:
+                return h, residual
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -122,16 +139,18 @@ class DecoderModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, C)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(positions, x, residual, kv_cache, meta)
+        last = len(self.layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x, residual = layer(positions, x, residual, kv_cache, meta, output_layer=i == last)
         if residual is None:  # no layers
             return self.norm(x)
         return self.norm(x, residual)[0]
 
 
 class DecoderForCausalLM(nn.Module):
-    """``forward`` gives final hidden states ``(T, C)``; ``compute_logits`` projects the rows
-    that need them, so a prompt chunk pays for the vocabulary projection only once."""
+    """``forward`` gives final hidden states ``(T, C)`` (only ``meta.output_rows``' rows when
+    that is set); ``compute_logits`` projects the rows that need them, so a prompt chunk pays
+    for the vocabulary projection only once."""
 
     def __init__(self, arch: ModelArch, max_positions: int) -> None:
         super().__init__()

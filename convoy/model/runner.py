@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -238,13 +238,17 @@ class ModelRunner:
         )
         input_ids, positions, meta, q_starts = self._prepare(order)
         t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, C)
+        # (T, C), or (N, C): the sampled rows only, in order (meta.output_rows).
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
         t2 = t3 = time.perf_counter()
 
         sampling = [(s, q_starts[j] + s.num_tokens - 1) for j, s in enumerate(order) if s.samples]
         if sampling:
-            rows_idx = torch.tensor([i for _, i in sampling], device=self.device)
-            last_hidden = hidden.index_select(0, rows_idx)  # (N, C)
+            if meta.output_rows is not None:
+                last_hidden = hidden
+            else:
+                rows_idx = torch.tensor([i for _, i in sampling], device=self.device)
+                last_hidden = hidden.index_select(0, rows_idx)  # (N, C)
             rows = [
                 SamplingRow(
                     params=s.request.sampling_params,
@@ -460,4 +464,49 @@ class ModelRunner:
             suffix_slots=suffix_slots,
             suffix_lens=suffix_lens,
         )
+        if num_decodes < len(order) and not any(
+            s.request.sampling_params.prompt_logprobs is not None for s in order
+        ):
+            self._restrict_output(order, q_starts, meta)
         return input_ids, positions, meta, q_starts
+
+    def _restrict_output(
+        self, order: list[ScheduledRequest], q_starts: list[int], meta: AttentionMetadata
+    ) -> None:
+        """Let the last layer compute only the rows that sample (``meta.output_rows``).
+
+        A prompt chunk needs the final hidden state of its last token only, and only if that
+        is the prompt's last one; its other tokens feed the next tokens through their keys and
+        values, which every layer, the last included, still writes. So the last layer's
+        queries, attention, output projection and MLP skip them: a 1/num_layers share of a
+        prefill step's work. Each sampling chunk becomes a single query at its last position
+        over its whole context; decodes, which all sample, come first as before, with the
+        same metadata. (A step with a one-token prompt chunk that does not sample among the
+        decode rows, rare, computes every row.)
+        """
+        d = meta.num_decode_tokens
+        if not all(s.samples for s in order[:d]):
+            return
+        rows = list(range(d))
+        prefills = []
+        for s, chunk in zip(order[d:], meta.prefills, strict=True):
+            if not s.samples:
+                continue
+            rows.append(chunk.q_end - 1)
+            prefills.append(
+                PrefillChunk(
+                    q_start=len(rows) - 1,
+                    q_end=len(rows),
+                    context_slots=chunk.context_slots,
+                    query_positions=chunk.query_positions[-1:],
+                )
+            )
+        meta.output_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        meta.output_meta = replace(
+            meta,
+            slot_mapping=meta.slot_mapping[meta.output_rows],
+            prefills=prefills,
+            output_rows=None,
+            output_meta=None,
+            _masks={},
+        )
