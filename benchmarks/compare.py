@@ -404,8 +404,8 @@ class ConvoyEngine:
             enable_prefix_caching=prefix_caching,
             greedy_screening=greedy_screening,
         )
-        # Whether greedy rows go through the bfloat16 screen of the head (CPUs with native
-        # bfloat16): the tokens are float32's either way, the head's cost is not.
+        # Whether greedy rows go through a screen of the head (bfloat16 or int8, by the CPU):
+        # the tokens are float32's either way, the head's cost is not.
         self.screened = self.llm.engine.runner.greedy_head is not None
         sched = self.llm.engine.config.scheduler
         self.max_num_seqs = sched.max_num_seqs

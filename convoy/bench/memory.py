@@ -65,8 +65,8 @@ def memory_report(llm: LLM) -> MemoryReport:
     for m in runner.model.modules():
         if isinstance(m, Linear) and m.onednn_weight is not None and m.onednn_weight.is_mkldnn:
             weights += m.onednn_weight.numel() * m.onednn_weight.element_size()
-    if runner.greedy_head is not None:  # its bfloat16 copy of the head, and the row bounds
-        for t in (runner.greedy_head.packed, runner.greedy_head.row_bound):
+    if runner.greedy_head is not None:  # its bfloat16 or int8 copy of the head, and bounds
+        for t in runner.greedy_head.own_tensors():
             weights += t.numel() * t.element_size()
     kv = runner.kv_cache.numel() * runner.kv_cache.element_size()
     return MemoryReport(weights, kv, peak_rss_bytes())

@@ -15,7 +15,7 @@ from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
 from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
 from convoy.model.decoder import Attention
-from convoy.model.greedy_head import ScreenedGreedyHead, fast_bf16
+from convoy.model.greedy_head import ScreenedGreedyHead, make_greedy_head
 from convoy.model.host_allocator import keep_step_buffers_on_heap
 from convoy.model.layers import (
     SKINNY_MAX_ROWS,
@@ -169,9 +169,9 @@ class ModelRunner:
         skinny = cpu_kernels.load()
         onednn = model_config.quantization is None and onednn_available()
         head = self.model.lm_head
-        if model_config.greedy_screening and onednn and skinny is not None and fast_bf16():
+        if model_config.greedy_screening and onednn and skinny is not None:
             # Before packing: the screen's candidates read the plain head, which stays.
-            self.greedy_head = ScreenedGreedyHead(head.weight, skinny)
+            self.greedy_head = make_greedy_head(head.weight, skinny)
         # A weight an embedding also reads (a tied head) keeps its plain layout for the lookup;
         # packed, the head multiplies by a second copy in oneDNN's layout (vocab x hidden floats
         # more memory): on 64-row decode steps it runs ~1.4x faster (32k x 384 head: 11.1 -> 8.0

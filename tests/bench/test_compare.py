@@ -313,7 +313,7 @@ def test_convoy_jobs_include_the_no_screen_baseline(
     """Where convoy screens greedy rows, every convoy row gets a twin with the screen off (its
     own column), with --screen-baseline (the tokens are the same either way:
     tests/model/test_greedy_head.py)."""
-    from convoy.model.greedy_head import fast_bf16
+    from convoy.model.greedy_head import screen_kind
 
     path = make_checkpoint("llama")
     shape = compare.roofline.ModelShape.from_dict(json.loads((path / "config.json").read_text()))
@@ -333,5 +333,5 @@ def test_convoy_jobs_include_the_no_screen_baseline(
         ("c=1", "convoy", "f32, max_num_seqs=4"),
     ]
     twins = [(w, compare.NO_SCREEN, c) for w, _, c in convoy_rows]
-    assert with_twin == (convoy_rows + twins if fast_bf16() else convoy_rows)
+    assert with_twin == (convoy_rows + twins if screen_kind() else convoy_rows)
     assert cells() == convoy_rows

@@ -20,6 +20,10 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
 torch::Tensor argmax_rows(torch::Tensor x);
 torch::Tensor screened_argmax(torch::Tensor approx, torch::Tensor x, torch::Tensor weight,
                               torch::Tensor row_bound, int64_t max_candidates);
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x);
+torch::Tensor screened_argmax_int8(torch::Tensor acc, torch::Tensor x, torch::Tensor weight,
+                                   torch::Tensor w_scale, torch::Tensor u, torch::Tensor v,
+                                   torch::Tensor rows, int64_t max_candidates);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -38,4 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) for float32 rows (CPU)");
   m.def("screened_argmax", &screened_argmax,
         "argmax of x W^T per row from its bfloat16 screen, -1 where it cannot settle it (CPU)");
+  m.def("quantize_rows_int8", &quantize_rows_int8,
+        "Rows of x as int8 with per-row scales, and the int8 screen's bound terms (CPU)");
+  m.def("screened_argmax_int8", &screened_argmax_int8,
+        "argmax of x W^T per row from its int8 screen, -1 where it cannot settle it (CPU)");
 }
