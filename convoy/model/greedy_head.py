@@ -34,7 +34,10 @@ Two screens, by what the CPU multiplies natively (:func:`screen_kind`):
   bfloat16 values are exact in float32, and AVX512-BF16's dot-product instruction rounds each
   addition to nearest.)
 
-Elsewhere (plain AVX2) both products are emulated and there is no screen.
+CPUs with both (Zen 4 and 5, Sapphire Rapids) hold both and route each row
+(:class:`MixedGreedyHead`): int8 where its bound is about as tight as bfloat16's, which it is
+for rows without outlier dimensions. Elsewhere (plain AVX2) both products are emulated and
+there is no screen.
 """
 
 from __future__ import annotations
@@ -77,19 +80,15 @@ def fast_int8() -> bool:
 
 
 def screen_kind() -> str | None:
-    """The screen for this CPU: ``"bfloat16"`` where it multiplies bfloat16 natively, else
-    ``"int8"`` where it has VNNI, else ``None`` (an emulated product would cost more than the
-    screen saves).
-
-    bfloat16 first even where both are native: its bound is relative to each element, so it
-    holds its width on hidden states with outlier dimensions, where the int8 row scale
-    (set by the largest element) coarsens every other element and widens the int8 bound.
-    On this project's machine (Zen 5) the two cost about the same on 64-row steps; the int8
-    screen was ~4% faster on a single 200M stream (65.5 against 62.7 tok/s, 7 interleaved runs).
-    """
-    if fast_bf16():
+    """The screen for this CPU: ``"mixed"`` (:class:`MixedGreedyHead`) where it multiplies
+    both bfloat16 and int8 natively, else ``"bfloat16"`` or ``"int8"``, whichever it has,
+    else ``None`` (an emulated product would cost more than the screen saves)."""
+    bf16, int8 = fast_bf16(), fast_int8()
+    if bf16 and int8:
+        return "mixed"
+    if bf16:
         return "bfloat16"
-    if fast_int8():
+    if int8:
         return "int8"
     return None
 
@@ -185,7 +184,10 @@ class Int8GreedyHead(ScreenedGreedyHead):
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.contiguous()
-        qx, rows = self.kernel.quantize_rows_int8(x)
+        return self.screen(x, *self.kernel.quantize_rows_int8(x))
+
+    def screen(self, x: torch.Tensor, qx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The tokens of rows ``x`` from their quantization (``quantize_rows_int8``)."""
         acc = torch._int_mm(qx, self.qweight.t())  # (N, V) int32, exact
         return self.kernel.screened_argmax_int8(
             acc,
@@ -202,12 +204,58 @@ class Int8GreedyHead(ScreenedGreedyHead):
         return [self.qweight, self.scale, self.residual_norm, self.norm]
 
 
+class MixedGreedyHead(ScreenedGreedyHead):
+    """Both screens, for CPUs that have both natively: each row takes the int8 one unless its
+    int8 bound would be more than ``WIDTH_LIMIT`` times as wide as the bfloat16 one.
+
+    The int8 screen reads half the bfloat16 screen's bytes: on a single stream, where the
+    head's product is bound by reading it, it is the faster one (a 200M model's token: 65.5
+    against 62.7 tok/s). But its bound follows each hidden row's shape: a row whose largest
+    element dwarfs the rest (outlier dimensions) gets a coarse scale, and its bound widens with
+    it, while the bfloat16 bound stays ~3 * 2^-8 |x| |w_j| whatever the row. Such rows go to
+    the bfloat16 screen, so neither screen ends up computing many candidates.
+    """
+
+    # int8 bound, per |w_j|: P rho + Q (rho: the head's median |r_j| / |w_j|), against the
+    # bfloat16 one, c |x|. Gaussian-like rows: ~1.2x; a row 15x its RMS at its largest: ~3.5x.
+    WIDTH_LIMIT = 2.0
+
+    def __init__(self, weight: torch.Tensor, kernel: Any) -> None:
+        super().__init__(weight, kernel)
+        self.int8 = Int8GreedyHead(weight, kernel)
+        self.bf16 = Bf16GreedyHead(weight, kernel)
+        ratio = self.int8.residual_norm / self.int8.norm.clamp(min=torch.finfo().tiny)
+        self.rho = float(ratio.median())
+        self.limit = self.WIDTH_LIMIT * error_factor(weight.shape[1])
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.contiguous()
+        qx, rows = self.kernel.quantize_rows_int8(x)
+        # NaN (a non-finite row) compares false: the bfloat16 screen returns -1 for it.
+        tight = rows[:, 1] * self.rho + rows[:, 2] <= self.limit * rows[:, 3]
+        n_tight = int(tight.sum())
+        if n_tight == x.shape[0]:
+            return self.int8.screen(x, qx, rows)
+        if n_tight == 0:
+            return self.bf16(x)
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        out[tight] = self.int8.screen(x[tight], qx[tight], rows[tight])
+        out[~tight] = self.bf16(x[~tight])
+        return out
+
+    def own_tensors(self) -> list[torch.Tensor]:
+        return self.int8.own_tensors() + self.bf16.own_tensors()
+
+
 def make_greedy_head(weight: torch.Tensor, kernel: Any) -> ScreenedGreedyHead | None:
     """The screen for this CPU (:func:`screen_kind`) over ``weight``, or ``None`` where none
     pays. (A head with non-finite values has no int8 scales: it gets no int8 screen.)"""
     kind = screen_kind()
-    if kind == "bfloat16":
+    finite = bool(torch.isfinite(weight).all())
+    if kind == "mixed" and finite:
+        return MixedGreedyHead(weight, kernel)
+    if kind in ("mixed", "bfloat16"):
         return Bf16GreedyHead(weight, kernel)
-    if kind == "int8" and bool(torch.isfinite(weight).all()):
+    if kind == "int8" and finite:
         return Int8GreedyHead(weight, kernel)
     return None

@@ -19,25 +19,30 @@ from convoy.model import cpu_kernels, greedy_head
 from convoy.model.greedy_head import (
     Bf16GreedyHead,
     Int8GreedyHead,
+    MixedGreedyHead,
     ScreenedGreedyHead,
     error_factor,
     screen_kind,
 )
 from convoy.model.layers import onednn_available
 
+needs_bf16 = pytest.mark.skipif(
+    not (onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="torch built without oneDNN's bfloat16 matmul",
+)
 KINDS = [
-    pytest.param(
-        "bfloat16",
-        marks=pytest.mark.skipif(
-            not (onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-            reason="torch built without oneDNN's bfloat16 matmul",
-        ),
-    ),
+    pytest.param("bfloat16", marks=needs_bf16),
+    pytest.param("mixed", marks=needs_bf16),
     # oneDNN's int8 matmul runs (emulated, slower) on CPUs without VNNI too.
     pytest.param(
         "int8", marks=pytest.mark.skipif(not onednn_available(), reason="torch without oneDNN")
     ),
 ]
+HEADS: dict[str, type[ScreenedGreedyHead]] = {
+    "bfloat16": Bf16GreedyHead,
+    "int8": Int8GreedyHead,
+    "mixed": MixedGreedyHead,
+}
 needs_a_screen = pytest.mark.skipif(
     screen_kind() is None, reason="the engine screens only on CPUs with native bfloat16 or int8"
 )
@@ -46,8 +51,7 @@ needs_a_screen = pytest.mark.skipif(
 def _head(weight: torch.Tensor, kind: str) -> ScreenedGreedyHead:
     kernel = cpu_kernels.load()
     assert kernel is not None
-    cls = Int8GreedyHead if kind == "int8" else Bf16GreedyHead
-    return cls(weight, kernel)
+    return HEADS[kind](weight, kernel)
 
 
 def _float32_argmax(x: torch.Tensor, weight: torch.Tensor) -> list[int]:
@@ -155,12 +159,40 @@ def test_error_factor_is_about_three_bfloat16_roundings() -> None:
     assert error_factor(8192) > error_factor(384)  # longer sums, more float32 rounding
 
 
+@needs_bf16
+def test_mixed_head_sends_rows_with_outliers_to_the_bfloat16_screen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(4)
+    weight = torch.randn(5000, 384) * 0.05
+    head = _head(weight, "mixed")
+    assert isinstance(head, MixedGreedyHead)
+    seen: dict[str, int] = {"int8": 0, "bfloat16": 0}
+
+    def count(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def counted(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+            seen[name] += x.shape[0]
+            return fn(x, *args)
+
+        return counted
+
+    monkeypatch.setattr(head.int8, "screen", count("int8", head.int8.screen))
+    monkeypatch.setattr(head, "bf16", count("bfloat16", head.bf16))
+    x = torch.randn(6, 384)
+    x[[1, 4], 9] = 40.0  # ~40x the rows' RMS at one dimension
+    assert head(x).tolist() == _float32_argmax(x, weight)
+    assert seen == {"int8": 4, "bfloat16": 2}
+    assert head(x[[0, 2]]).tolist() == _float32_argmax(x[[0, 2]], weight)  # all int8
+    assert head(x[[1]]).tolist() == _float32_argmax(x[[1]], weight)  # all bfloat16
+    assert seen == {"int8": 6, "bfloat16": 3}
+
+
 @needs_a_screen
-@pytest.mark.parametrize("kind", ["int8", "bfloat16"])
+@pytest.mark.parametrize("kind", ["mixed", "int8", "bfloat16"])
 def test_engine_greedy_outputs_are_the_same_with_the_screen(
     kind: str, make_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if kind == "bfloat16" and not greedy_head.fast_bf16():
+    if kind != "int8" and not greedy_head.fast_bf16():
         pytest.skip("no native bfloat16")
     monkeypatch.setattr(greedy_head, "screen_kind", lambda: kind)
     path = make_checkpoint("llama3-tied-mqa")
@@ -179,7 +211,7 @@ def test_engine_greedy_outputs_are_the_same_with_the_screen(
         llm = LLM(model=str(path), max_model_len=256, **kwargs)
         screen = llm.engine.runner.greedy_head
         if kwargs.get("greedy_screening", True):
-            assert isinstance(screen, Int8GreedyHead if kind == "int8" else Bf16GreedyHead)
+            assert type(screen) is HEADS[kind]
         else:
             assert screen is None
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -201,11 +233,9 @@ def test_memory_report_counts_the_screens_copy(make_checkpoint: Callable[..., Pa
     vocab, hidden = screen.weight.shape
     on = memory_report(llm)
     off = memory_report(LLM(model=str(path), max_model_len=128, greedy_screening=False))
-    # Untied: the plain float32 head stays beside the packed one, plus the screen's copy and
-    # its per-token values (int8: scale, residual norm, norm; bfloat16: one bound factor).
-    own = (
-        vocab * hidden + 3 * vocab * 4
-        if screen_kind() == "int8"
-        else vocab * hidden * 2 + vocab * 4
-    )
+    # Untied: the plain float32 head stays beside the packed one, plus the screens' copies and
+    # their per-token values (int8: scale, residual norm, norm; bfloat16: one bound factor).
+    int8 = vocab * hidden + 3 * vocab * 4
+    bf16 = vocab * hidden * 2 + vocab * 4
+    own = {"int8": int8, "bfloat16": bf16, "mixed": int8 + bf16}[str(screen_kind())]
     assert on.weights_bytes - off.weights_bytes == vocab * hidden * 4 + own

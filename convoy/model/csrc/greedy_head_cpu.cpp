@@ -28,6 +28,9 @@ using vi8 = int32_t __attribute__((vector_size(32)));
 // values below 2^-126 to zero (one such term is under 2^-126 |w_i|), far below this.
 constexpr float kAbsSlack = 0x1p-100f;
 
+// quantize_rows_int8's values per row: the scale s_x, the bound's P and Q, and |x|.
+constexpr int64_t kRowStats = 4;
+
 // Tokens per block of pass 1's per-block maximum (a multiple of 8).
 constexpr int64_t kBlock = 128;
 
@@ -218,7 +221,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x) {
               "x must be a float32 (rows, hidden) tensor with contiguous rows");
   const int64_t N = x.size(0), C = x.size(1);
   auto qx = torch::empty({N, C}, x.options().dtype(torch::kInt8));
-  auto rows = torch::empty({N, 3}, x.options());
+  auto rows = torch::empty({N, kRowStats}, x.options());
   const float* xp = x.data_ptr<float>();
   int8_t* qp = qx.data_ptr<int8_t>();
   float* rp = rows.data_ptr<float>();
@@ -230,7 +233,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x) {
     for (int64_t n = begin; n < end; ++n) {
       const float* xr = xp + n * xs;
       int8_t* q = qp + n * C;
-      float* r = rp + 3 * n;
+      float* r = rp + kRowStats * n;
       float m = 0.0f;
       bool finite = true;
       for (int64_t i = 0; i < C; ++i) {
@@ -239,7 +242,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x) {
       }
       if (!finite) {  // the row goes to the full projection
         std::memset(q, 0, C);
-        r[0] = r[1] = r[2] = NAN;
+        r[0] = r[1] = r[2] = r[3] = NAN;
         continue;
       }
       float sx = m / 127.0f;
@@ -261,6 +264,7 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x) {
       r[0] = sx;
       r[1] = round_up(Xq * (1.0 + d) * e);
       r[2] = round_up((R + gamma * X + d * Xq) * e);
+      r[3] = static_cast<float>(X);
     }
   });
   return {qx, rows};
@@ -278,8 +282,8 @@ torch::Tensor screened_argmax_int8(torch::Tensor acc, torch::Tensor x, torch::Te
   check_vector(u, V, "u");
   check_vector(v, V, "v");
   TORCH_CHECK(rows.scalar_type() == torch::kFloat32 && rows.is_contiguous() &&
-                  rows.numel() == 3 * N,
-              "rows must be quantize_rows_int8's (rows, 3) float32 tensor");
+                  rows.numel() == kRowStats * N,
+              "rows must be quantize_rows_int8's (rows, 4) float32 tensor");
   auto out = torch::empty({N}, x.options().dtype(torch::kInt64));
   const int32_t* ap = acc.data_ptr<int32_t>();
   const float* xp = x.data_ptr<float>();
@@ -290,7 +294,7 @@ torch::Tensor screened_argmax_int8(torch::Tensor acc, torch::Tensor x, torch::Te
   const int64_t as = acc.stride(0), xs = x.stride(0);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* r = rp + 3 * n;
+      const float* r = rp + kRowStats * n;
       op[n] = std::isfinite(r[0]) ? screen_row(Int8Screen{ap + n * as, sp, up, vp, r[0], r[1], r[2]},
                                                xp + n * xs, wp, V, C, max_candidates)
                                   : -1;
