@@ -160,7 +160,7 @@ def test_greedy_matches_transformers(case: str, make_checkpoint: Callable[..., P
         if mode == "preempting":
             assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.kv_cache.pool.num_free_blocks == llm.engine.kv_cache.num_blocks
-        if mode in ("batched", "chunked", "torch ops only"):
+        if mode in ("batched", "chunked", "preempting", "torch ops only"):
             # Prompt logprobs need every row's hidden state; without them the last layer
             # computes only the rows that sample, chunks stopping short of a prompt's end
             # none: the same tokens and logprobs.
