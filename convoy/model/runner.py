@@ -467,12 +467,10 @@ class ModelRunner:
         if num_decodes < len(order) and not any(
             s.request.sampling_params.prompt_logprobs is not None for s in order
         ):
-            self._restrict_output(order, q_starts, meta)
+            self._restrict_output(order, meta)
         return input_ids, positions, meta, q_starts
 
-    def _restrict_output(
-        self, order: list[ScheduledRequest], q_starts: list[int], meta: AttentionMetadata
-    ) -> None:
+    def _restrict_output(self, order: list[ScheduledRequest], meta: AttentionMetadata) -> None:
         """Let the last layer compute only the rows that sample (``meta.output_rows``).
 
         A prompt chunk needs the final hidden state of its last token only, and only if that
