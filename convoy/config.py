@@ -67,10 +67,11 @@ class ModelConfig:
     greedy_screening: bool = field(
         default=True,
         metadata={
-            "help": "float32 CPU models on CPUs with native bfloat16 (AVX512-BF16, AMX): greedy "
-            "rows take their token from a bfloat16 pass over the vocabulary projection plus "
-            "float32 logits for the few tokens its proven error bound leaves in reach: the "
-            "float32 argmax, at about half the head's cost. Off: the full float32 projection."
+            "help": "float32 CPU models on CPUs with native bfloat16 (AVX512-BF16, AMX) or int8 "
+            "dot products (VNNI): greedy rows take their token from a bfloat16 or int8 pass over "
+            "the vocabulary projection plus float32 logits for the few tokens its proven error "
+            "bound leaves in reach: the float32 argmax, at a half to a quarter of the head's "
+            "bytes. Off: the full float32 projection."
         },
     )
 

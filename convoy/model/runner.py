@@ -136,8 +136,8 @@ class ModelRunner:
             (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(arch.num_layers)
         ]
         self.sampler = Sampler(arch.vocab_size, self.device, model_config.seed)
-        # Greedy rows' tokens from a bfloat16 screen of the head (float32 CPU models, CPUs with
-        # native bfloat16); set by _attach_cpu_linear_paths.
+        # Greedy rows' tokens from a bfloat16 and/or int8 screen of the head (float32 CPU
+        # models, CPUs with native bfloat16 or VNNI); set by _attach_cpu_linear_paths.
         self.greedy_head: ScreenedGreedyHead | None = None
         # convoy's paged decode kernel reads the cache in place; torch ops gather a padded copy.
         self.decode_kernel = None
@@ -262,7 +262,11 @@ class ModelRunner:
             tokens: list[int | None] = [None] * len(rows)
             if self.greedy_head is not None:
                 screened = [k for k, r in enumerate(rows) if plain_greedy(r)]
-                picked = self.greedy_head(last_hidden[screened]).tolist() if screened else []
+                # Usually every row: then no gathered copy (a list index is a slow torch path).
+                screened_hidden = (
+                    last_hidden if len(screened) == len(rows) else last_hidden[screened]
+                )
+                picked = self.greedy_head(screened_hidden).tolist() if screened else []
                 for k, token in zip(screened, picked, strict=True):
                     tokens[k] = token if token >= 0 else None
             # The rest (sampled rows, logprobs, penalties; rows the screen left): full logits.
