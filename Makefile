@@ -21,5 +21,8 @@ lint: setup
 	$(BIN)/ruff format --check
 	$(BIN)/mypy
 
+# The suite checks the CPU paths (float32, convoy's kernels), so GPUs are hidden from it;
+# tests/test_cuda.py then checks the CUDA path where a GPU is present (it skips elsewhere).
 test: lint
-	$(BIN)/pytest -q
+	CUDA_VISIBLE_DEVICES= $(BIN)/pytest -q
+	$(BIN)/pytest -q tests/test_cuda.py

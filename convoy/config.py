@@ -64,6 +64,14 @@ class ModelConfig:
             "else plain). Falls back to torch where oneDNN or the kernel is missing."
         },
     )
+    enforce_eager: bool = field(
+        default=False,
+        metadata={
+            "help": "CUDA: launch every step's kernels one by one, without CUDA graphs. By "
+            "default decode steps replay graphs captured on first use (batches padded to a "
+            "few sizes, contexts to 256-token buckets up to max_model_len or 8192)."
+        },
+    )
     greedy_screening: bool = field(
         default=True,
         metadata={

@@ -14,6 +14,7 @@ from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
 from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
 from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
+from convoy.model.cuda_graphs import DecodeGraphs
 from convoy.model.decoder import Attention
 from convoy.model.greedy_head import ScreenedGreedyHead, make_greedy_head
 from convoy.model.host_allocator import keep_step_buffers_on_heap
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 # Decodes sharing fewer leading blocks than this attend the plain way: splitting the softmax
 # only pays once the shared prefix is long enough to be worth reading once.
 MIN_SHARED_BLOCKS = 4
+# CUDA graphs cover decode contexts up to this many tokens (vLLM's max_seq_len_to_capture).
+MAX_GRAPH_CONTEXT = 8192
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,8 +129,11 @@ class ModelRunner:
         # Unwritten memory may hold NaN, and a masked-out NaN still poisons attention
         # (0 * NaN = NaN), so padded positions read the extra last slot, kept at zero.
         self.pad_slot = num_blocks * self.block_size
+        use_graphs = self.device.type == "cuda" and not model_config.enforce_eager
+        # CUDA graphs pad batches with rows that write to and read from one more slot.
+        extra_slots = 2 if use_graphs else 1
         self.kv_cache = torch.empty(
-            (arch.num_layers, 2, self.pad_slot + 1, arch.num_kv_heads, arch.head_dim),
+            (arch.num_layers, 2, self.pad_slot + extra_slots, arch.num_kv_heads, arch.head_dim),
             dtype=self.dtype,
             device=self.device,
         )
@@ -154,6 +160,17 @@ class ModelRunner:
             # After the weights and the cache are allocated: they stay mapped on their own.
             keep_step_buffers_on_heap()
         self.generators: dict[str, torch.Generator] = {}
+        self.decode_graphs: DecodeGraphs | None = None
+        if use_graphs:
+            self.decode_graphs = DecodeGraphs(
+                lambda ids, pos, meta: self.model(ids, pos, self.kv_caches, meta),
+                max_batch=max_num_seqs,
+                max_context=min(max_model_len, MAX_GRAPH_CONTEXT),
+                block_size=block_size,
+                scratch_slot=self.pad_slot + 1,
+                pad_slot=self.pad_slot,
+                device=self.device,
+            )
 
     def _attach_cpu_linear_paths(self, model_config: ModelConfig, max_num_seqs: int) -> None:
         """Give a float32 CPU model's linear layers convoy's matrix-vector kernel for few-row
@@ -239,7 +256,11 @@ class ModelRunner:
         input_ids, positions, meta, q_starts = self._prepare(order)
         t1 = time.perf_counter()
         # (T, C), or (N, C): the sampled rows only, in order (meta.output_rows).
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.covers(meta, len(input_ids)):
+            hidden = graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         t2 = t3 = time.perf_counter()
 
         sampling = [(s, q_starts[j] + s.num_tokens - 1) for j, s in enumerate(order) if s.samples]
@@ -430,13 +451,21 @@ class ModelRunner:
         prefix_groups: list[SharedPrefixDecode] = []
         if num_decodes:
             decode_lens = starts[:num_decodes] + 1  # context length after this token
-            prefix_groups, suffix_slots, suffix_lens = self._shared_prefixes(
-                order[:num_decodes], tables[:num_decodes], decode_lens
+            lmax = max(s.start for s in order[:num_decodes]) + 1  # from the host: no sync
+            graphed = (
+                self.decode_graphs is not None
+                and num_decodes == len(order)
+                and lmax <= self.decode_graphs.max_context
             )
+            if not graphed:
+                # (A graph replays one launch for the whole step: worth more than reading
+                # shared prefixes once, which would need a step shape of its own.)
+                prefix_groups, suffix_slots, suffix_lens = self._shared_prefixes(
+                    order[:num_decodes], tables[:num_decodes], decode_lens
+                )
             if self.decode_kernel is not None:
                 decode_tables = tables[:num_decodes]
             else:
-                lmax = int(decode_lens.max())
                 pos = torch.arange(lmax, device=dev)
                 blk = tables[:num_decodes, (pos // bs).clamp(max=max_blocks - 1)]
                 real = pos[None, :] < decode_lens[:, None]
