@@ -41,6 +41,15 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
             f"model {model!r} is neither a local directory nor a valid Hub id: {e}"
         ) from e
     except Exception as e:  # network down, unknown repo, gated model, ...
+        try:
+            # A snapshot already in the cache still serves. (huggingface_hub 1.x, offline,
+            # asks the Hub for a commit's file list instead of reading its cached snapshot.)
+            cached = snapshot_download(
+                model, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True
+            )
+            return Path(cached)
+        except Exception:
+            pass
         raise CheckpointError(
             f"could not find model {model!r} locally or on the Hugging Face Hub: {e}"
         ) from e
