@@ -1,9 +1,9 @@
 """The CUDA path: float32 exactly as on the CPU, and a bfloat16 engine as accurate as
 transformers' own bfloat16.
 
-Skipped where torch sees no CUDA device, as in CI; on a GPU machine run
-``pytest tests/test_cuda.py``. On CUDA convoy runs torch ops only (its C++ kernels are for the
-CPU): attention gathers each step's KV into a padded batch for ``scaled_dot_product_attention``.
+The GPU tests skip where torch sees no CUDA device, as in CI (``make test`` runs this file
+after the CPU suite). On CUDA convoy runs torch ops only (its C++ kernels are for the CPU):
+attention gathers each step's KV into padded batches, and decode steps replay CUDA graphs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from convoy import LLM, SamplingParams
+from convoy.model.cuda_graphs import BATCH_SIZES, batch_buckets
 from tests.conftest import ARCH_CASES
 from tests.test_fidelity import (
     NEW_TOKENS,
@@ -27,7 +28,17 @@ from tests.test_fidelity import (
     poison_kv_cache,
 )
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_graph_batch_sizes_cover_every_batch_up_to_the_largest() -> None:
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(3) == [1, 2, 4]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_buckets(65) == [1, 2, 4, 8, 16, 32, 48, 64, 80]
+    # Past the largest size, graphs stop there and bigger batches run eagerly.
+    assert batch_buckets(4096)[-1] == BATCH_SIZES[-1] == 512
+
 
 # mode -> engine arguments, as in test_fidelity
 CUDA_MODES = {
@@ -38,14 +49,15 @@ CUDA_MODES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32() -> None:
+def check_no_tf32() -> None:
     # float32 means float32: TF32 matmuls (10-bit mantissas) would be a different model.
     assert not torch.backends.cuda.matmul.allow_tf32
 
 
+@needs_cuda
 @pytest.mark.parametrize("case", sorted(ARCH_CASES))
 def test_cuda_float32_matches_transformers(case: str, make_checkpoint: Callable[..., Path]) -> None:
+    check_no_tf32()
     path = make_checkpoint(case)
     prompts = fidelity_prompts()
     refs = hf_reference(path, prompts)  # on the CPU: the reference every device must meet
@@ -64,9 +76,11 @@ def test_cuda_float32_matches_transformers(case: str, make_checkpoint: Callable[
         assert llm.engine.kv_cache.pool.num_free_blocks == llm.engine.kv_cache.num_blocks
 
 
+@needs_cuda
 def test_cuda_graphs_follow_a_shrinking_batch(make_checkpoint: Callable[..., Path]) -> None:
     """Requests ending at different steps: each step replays the graph of its padded batch
     size, and padding rows left over from bigger steps must write no request's KV."""
+    check_no_tf32()
     path = make_checkpoint("llama")
     prompts = fidelity_prompts()
     refs = hf_reference(path, prompts)
@@ -89,6 +103,7 @@ def _prompt_logprobs_error(lps: list[list[float]], ref: list[list[float]]) -> fl
     return sum(diffs) / len(diffs)
 
 
+@needs_cuda
 def test_cuda_bfloat16_is_as_accurate_as_transformers(
     make_checkpoint: Callable[..., Path],
 ) -> None:
@@ -127,6 +142,7 @@ def test_cuda_bfloat16_is_as_accurate_as_transformers(
     assert 0 < convoy_err <= 1.5 * hf_err
 
 
+@needs_cuda
 def test_cuda_seeded_sampling_is_reproducible(make_checkpoint: Callable[..., Path]) -> None:
     """A seeded request samples the same tokens alone or in a batch (per-request generators
     on the GPU)."""

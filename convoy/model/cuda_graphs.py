@@ -35,6 +35,13 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+    """The padded batch sizes graphs are captured for: :data:`BATCH_SIZES` up to the first
+    that holds ``max_batch`` rows (bigger batches, past the last size, run eagerly)."""
+    cap = min(max_batch, BATCH_SIZES[-1])
+    return [b for b in BATCH_SIZES if b < cap] + [next(b for b in BATCH_SIZES if b >= cap)]
+
+
 class DecodeGraphs:
     """Captured decode forwards keyed by (padded batch, padded context)."""
 
@@ -49,9 +56,7 @@ class DecodeGraphs:
         device: torch.device,
     ) -> None:
         self.forward = forward
-        self.batch_sizes = [b for b in BATCH_SIZES if b < max_batch] + [
-            next(b for b in BATCH_SIZES if b >= max_batch)
-        ]
+        self.batch_sizes = batch_buckets(max_batch)
         self.max_batch = self.batch_sizes[-1]
         self.max_context = _round_up(max_context, CONTEXT_BUCKET)
         self.block_size = block_size
