@@ -13,6 +13,7 @@ cache by slot index.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,14 @@ def write_kv(
     v_cache.index_copy_(0, slot_mapping, v)
 
 
+# What prompt attention may use on CUDA (see paged_attention).
+_CUDA_PREFILL_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
 def paged_attention(
     q: torch.Tensor,  # (T, H, D), rotary already applied
     k_cache: torch.Tensor,  # (S, Hkv, D)
@@ -179,49 +188,26 @@ def paged_attention(
         o = probs @ v.transpose(1, 2)  # (D, Hkv, G, Dh)
         out[:d] = o.reshape(d, num_heads, -1)
 
-    if meta.prefills and q.is_cuda:
-        with sdpa_kernel(_CUDA_PREFILL_BACKENDS):
-            _prefill_attention(q, k_cache, v_cache, meta.prefills, prefill_masks, out, scale, gqa)
-    elif meta.prefills:
-        _prefill_attention(q, k_cache, v_cache, meta.prefills, prefill_masks, out, scale, gqa)
+    # On CUDA not cuDNN's attention, which torch prefers on recent GPUs: it builds an execution
+    # plan for every new (query, context) shape, and each prompt length is one (~10 s of plans
+    # in the first 64-prompt run on an H200, measured).
+    cuda_prefill = q.is_cuda and bool(meta.prefills)
+    with sdpa_kernel(_CUDA_PREFILL_BACKENDS) if cuda_prefill else contextlib.nullcontext():
+        for chunk, mask in zip(meta.prefills, prefill_masks, strict=True):
+            k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1)  # (Hkv, L, Dh)
+            v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1)
+            qc = q[chunk.q_start : chunk.q_end].transpose(0, 1)  # (H, q, Dh)
+            o = F.scaled_dot_product_attention(
+                qc.unsqueeze(0),
+                k.unsqueeze(0),
+                v.unsqueeze(0),
+                attn_mask=None if mask is None else mask.unsqueeze(0).to(qc.dtype),
+                is_causal=mask is None,
+                scale=scale,
+                enable_gqa=gqa,
+            )  # (1, H, q, Dh)
+            out[chunk.q_start : chunk.q_end] = o[0].transpose(0, 1)
     return out
-
-
-# Not cuDNN's attention, which torch prefers on recent GPUs: it builds an execution plan for
-# every new (query, context) shape, and each prompt length is one (~10 s of plans in the
-# first 64-prompt run on an H200, measured).
-_CUDA_PREFILL_BACKENDS = [
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
-
-
-def _prefill_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    prefills: list[PrefillChunk],
-    masks: list[torch.Tensor | None],
-    out: torch.Tensor,
-    scale: float,
-    gqa: bool,
-) -> None:
-    """Each prompt chunk's queries over its context, with torch's SDPA, into ``out``."""
-    for chunk, mask in zip(prefills, masks, strict=True):
-        k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1)  # (Hkv, L, Dh)
-        v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1)
-        qc = q[chunk.q_start : chunk.q_end].transpose(0, 1)  # (H, q, Dh)
-        o = F.scaled_dot_product_attention(
-            qc.unsqueeze(0),
-            k.unsqueeze(0),
-            v.unsqueeze(0),
-            attn_mask=None if mask is None else mask.unsqueeze(0).to(qc.dtype),
-            is_causal=mask is None,
-            scale=scale,
-            enable_gqa=gqa,
-        )  # (1, H, q, Dh)
-        out[chunk.q_start : chunk.q_end] = o[0].transpose(0, 1)
 
 
 def _shared_prefix_decode(

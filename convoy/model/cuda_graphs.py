@@ -73,6 +73,11 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.replays = 0  # steps run through a graph (tests check the path is taken)
 
+    def fits(self, num_rows: int, context_len: int) -> bool:
+        """Whether a decode-only step of this many rows and longest context has a graph shape
+        (the runner asks before it builds the step's metadata)."""
+        return num_rows <= self.max_batch and context_len <= self.max_context
+
     def covers(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether a step with this metadata can replay a graph: decodes only, attention over
         gathered slots (no shared-prefix groups), every row's output needed, within bounds."""
@@ -82,8 +87,7 @@ class DecodeGraphs:
             and not meta.prefix_groups
             and meta.output_rows is None
             and meta.num_decode_tokens == num_tokens
-            and num_tokens <= self.max_batch
-            and meta.decode_slots.shape[1] <= self.max_context
+            and self.fits(num_tokens, meta.decode_slots.shape[1])
         )
 
     def run(

@@ -455,7 +455,7 @@ class ModelRunner:
             graphed = (
                 self.decode_graphs is not None
                 and num_decodes == len(order)
-                and lmax <= self.decode_graphs.max_context
+                and self.decode_graphs.fits(num_decodes, lmax)
             )
             if not graphed:
                 # (A graph replays one launch for the whole step: worth more than reading
