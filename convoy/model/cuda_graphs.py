@@ -23,16 +23,13 @@ from collections.abc import Callable
 
 import torch
 
+from convoy.engine.kv_cache_manager import cdiv
 from convoy.model.attention import AttentionMetadata
 
 BATCH_SIZES = (1, 2, 4, 8, *range(16, 513, 16))
 CONTEXT_BUCKET = 256
 
 Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -58,7 +55,7 @@ class DecodeGraphs:
         self.forward = forward
         self.batch_sizes = batch_buckets(max_batch)
         self.max_batch = self.batch_sizes[-1]
-        self.max_context = _round_up(max_context, CONTEXT_BUCKET)
+        self.max_context = cdiv(max_context, CONTEXT_BUCKET) * CONTEXT_BUCKET
         self.block_size = block_size
         self.scratch_slot = scratch_slot
         self.pad_slot = pad_slot
@@ -99,7 +96,7 @@ class DecodeGraphs:
         assert meta.decode_slots is not None and meta.decode_context_lens is not None
         d, lctx = meta.decode_slots.shape
         b = next(x for x in self.batch_sizes if x >= d)
-        lpad = _round_up(lctx, CONTEXT_BUCKET)
+        lpad = cdiv(lctx, CONTEXT_BUCKET) * CONTEXT_BUCKET
         key = (b, lpad)
         if key not in self.graphs:
             self.graphs[key] = self._capture(b, lpad)
