@@ -1,17 +1,21 @@
 // Paged decode attention for the CPU, float32.
 //
 // One query token per sequence attends to its context straight from the paged KV cache:
-// no gathered copy of the context, no padding to the longest sequence in the batch. Work is
-// split over sequences (or (sequence, kv head) pairs when there are fewer sequences than
-// threads); the query heads sharing a kv head (GQA) are handled together so every key and
-// value vector is read once for all of them. Scores are computed in tiles of 16 dot products
-// summed horizontally together; each sequence walks its positions in order while the rows a
-// fixed distance ahead are prefetched, across block boundaries (the blocks are scattered, so
-// the hardware prefetcher cannot see the next one coming).
+// no gathered copy of the context, no padding to the longest sequence in the batch. Work
+// items are sequences (or (sequence, kv head) pairs when there are fewer sequences than
+// threads), handed to free threads longest first; the query heads sharing a kv head (GQA) are
+// handled together so every key and value vector is read once for all of them. Scores are
+// computed in tiles of 16 dot products summed horizontally together, in the widest vectors
+// the build has (16 lanes with AVX-512); each sequence walks its positions in order while the
+// rows a fixed distance ahead are prefetched, across block boundaries (the blocks are
+// scattered, so the hardware prefetcher cannot see the next one coming).
 //
 // The kernel reads the cache at close to the machine's streaming bandwidth only when blocks
 // are long: on a Zen 4 box, 2 threads summing the same bytes reach ~17 GB/s with 16-token
-// blocks and ~30 GB/s with 128-token ones. That is why convoy's CPU default is 128.
+// blocks and ~30 GB/s with 128-token ones. That is why convoy's CPU default is 128. On a Zen 5
+// box (2 threads, 64 sequences of 150-300 positions, 12 layers) it reads 34 GB/s where a
+// plain sum over the same blocks reads ~47: it waits on memory and computes in turn, more
+// than it overlaps the two.
 //
 // Softmax is computed the plain way (scores, max, exp, sum, weighted sum of values) in
 // float32, like the reference implementation, so results match it to float rounding.
@@ -20,6 +24,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -27,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_cpu.h"
 #include "vec.h"
 
 namespace {
@@ -36,100 +42,58 @@ using convoy::load8;
 using convoy::splat8;
 using convoy::store8;
 using convoy::vf8;
+using convoy::vfw;
+using convoy::add_weighted_head;
+using convoy::kValueHeads;
 
 // Scores of NG query heads (rows of q, q_stride apart) against NP keys, NG * NP <= 16: the dot
 // products q_i . k_j of a tile, summed horizontally together, into s[i * NP + j] (lanes past
-// NG * NP stay zero).
+// NG * NP stay zero). Full-width vectors (vfw) over head_dim, then, when AVX-512 leaves a last
+// 8 floats (head_dim 24, 40, ...), one 8-lane step.
 template <int NG, int NP>
 inline void score_tile(const float* q, int64_t q_stride, const float* const* keys,
                        int64_t head_dim, float* s) {
   static_assert(NG * NP <= 16, "a tile is two 8-lane reductions");
-  vf8 acc[2][8] = {};
-  for (int64_t d = 0; d < head_dim; d += 8) {
-    vf8 k[NP];
+  vfw acc[NG * NP] = {};
+  int64_t d = 0;
+  for (; d + convoy::kLanes <= head_dim; d += convoy::kLanes) {
+    vfw k[NP];
     for (int j = 0; j < NP; ++j) {
-      k[j] = load8(keys[j] + d);
+      k[j] = convoy::loadw(keys[j] + d);
       keep_in_register(k[j]);  // each key feeds NG FMAs
     }
     for (int i = 0; i < NG; ++i) {
+      const vfw qv = convoy::loadw(q + i * q_stride + d);
+      for (int j = 0; j < NP; ++j) acc[i * NP + j] += qv * k[j];
+    }
+  }
+  vf8 x[2][8] = {};
+  for (int t = 0; t < NG * NP; ++t) x[t / 8][t % 8] = convoy::fold8(acc[t]);
+  if (d < head_dim) {  // AVX-512 only: 8 floats left
+    vf8 k[NP];
+    for (int j = 0; j < NP; ++j) {
+      k[j] = load8(keys[j] + d);
+      keep_in_register(k[j]);
+    }
+    for (int i = 0; i < NG; ++i) {
       const vf8 qv = load8(q + i * q_stride + d);
-      for (int j = 0; j < NP; ++j) acc[(i * NP + j) / 8][(i * NP + j) % 8] += qv * k[j];
+      for (int j = 0; j < NP; ++j) x[(i * NP + j) / 8][(i * NP + j) % 8] += qv * k[j];
     }
   }
-  store8(s, convoy::reduce8(acc[0]));
-  store8(s + 8, convoy::reduce8(acc[1]));
+  store8(s, convoy::reduce8(x[0]));
+  if constexpr (NG * NP > 8) store8(s + 8, convoy::reduce8(x[1]));
 }
 
-// For NH query heads: y_h[0, 8W) += sum over the count positions p of w_h[p] * v_p[0, 8W),
-// positions in order (the order the reference sums them in), the accumulators held in
-// registers for the whole run of positions instead of loaded and stored per position.
-template <int W, int NH>
-inline void add_weighted(float* const* y, const float* const* w, const float* v,
-                         int64_t v_stride, int64_t count) {
-  vf8 acc[NH][W];
-  for (int h = 0; h < NH; ++h)
-    for (int i = 0; i < W; ++i) acc[h][i] = load8(y[h] + 8 * i);
-  for (int64_t p = 0; p < count; ++p) {
-    vf8 vv[W];
-    for (int i = 0; i < W; ++i) {
-      vv[i] = load8(v + p * v_stride + 8 * i);
-      keep_in_register(vv[i]);  // each value vector feeds NH FMAs
-    }
-    for (int h = 0; h < NH; ++h) {
-      const vf8 ws = splat8(w[h][p]);
-      for (int i = 0; i < W; ++i) acc[h][i] += ws * vv[i];
-    }
-  }
-  for (int h = 0; h < NH; ++h)
-    for (int i = 0; i < W; ++i) store8(y[h] + 8 * i, acc[h][i]);
-}
-
-// add_weighted over a whole head: 32 floats per pass (two heads' accumulators and the values
-// fit in the 16 AVX2 registers), then 8 at a time.
-template <int NH>
-inline void add_weighted_head(float* const* y, const float* const* w, const float* v,
-                              int64_t v_stride, int64_t count, int64_t head_dim) {
-  int64_t d = 0;
-  for (; d + 32 <= head_dim; d += 32) {
-    float* yd[NH];
-    for (int h = 0; h < NH; ++h) yd[h] = y[h] + d;
-    add_weighted<4, NH>(yd, w, v + d, v_stride, count);
-  }
-  for (; d < head_dim; d += 8) {
-    float* yd[NH];
-    for (int h = 0; h < NH; ++h) yd[h] = y[h] + d;
-    add_weighted<1, NH>(yd, w, v + d, v_stride, count);
-  }
-}
 
 // Asks for [p, p + bytes) to be brought into L2 ahead of use. Blocks are scattered, so at
 // every block boundary the hardware prefetcher would have to start over: without this the
 // kernel waits on memory latency, not bandwidth (about 2x slower).
 inline void prefetch(const float* p, int64_t bytes) {
+  if (p == nullptr) return;
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) convoy::prefetch_line(c + off);
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the max), written so the compiler vectorizes
-// it (a libm call does not vectorize without -ffast-math): Cody-Waite range reduction and a
-// degree-6 polynomial, within 2 ulp of expf; below -87 it flushes to 0 like expf's underflow.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
-  r -= n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // How many positions ahead of the one being read the kernel prefetches: 16 rows are 8-16 KB
 // for 2-4 kv heads of 64 floats, enough to cover DRAM latency at this bandwidth; farther
@@ -188,29 +152,35 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
   // Scores q . k, block by block, NP positions by NG query heads per tile, all kv heads of a
   // position before the next so memory is read in order. A tile running past the block
   // repeats its last position (a read inside the block, lanes discarded).
-  const int64_t row_bytes = ((h1 - h0 - 1) * bt.kh + head_dim) * sizeof(float);
+  const int64_t head_bytes = head_dim * sizeof(float);
   const int64_t last_block = (len - 1) / block_size;
   // This item's first kv head at the start of block b of a cache.
   auto block_start = [&](const float* cache, int64_t slot_stride, int64_t head_stride,
                          int64_t b) {
     return cache + table[b] * block_size * slot_stride + h0 * head_stride;
   };
-  // This item's first kv head at position p of a cache; p past the context is clamped to its
-  // last position, so prefetching ahead near the end stays inside the sequence's blocks.
-  auto row_at = [&](const float* cache, int64_t slot_stride, int64_t head_stride, int64_t p) {
-    p = std::min(p, len - 1);
-    return cache + (table[p / block_size] * block_size + p % block_size) * slot_stride +
-           h0 * head_stride;
+  // This item's first kv head at offset off of block b, off possibly past the block (the
+  // position lies in a later one); null past the context, which is not prefetched. No
+  // division: it runs for every row read.
+  auto row_ahead = [&](const float* cache, int64_t slot_stride, int64_t head_stride, int64_t b,
+                       int64_t off) -> const float* {
+    if (b * block_size + off >= len) return nullptr;
+    for (; off >= block_size; off -= block_size) ++b;
+    return block_start(cache, slot_stride, head_stride, b) + off * slot_stride;
   };
   for (int64_t b = first / block_size; b <= last_block; ++b) {
     const int64_t base = b * block_size;  // position of the block's first slot
     const int64_t lo = std::max(first, base) - base, hi = std::min(len - base, block_size);
     const float* kb = block_start(bt.k, bt.ks, bt.kh, b);
     for (int64_t o = lo; o < hi; o += NP) {
-      for (int j = 0; j < NP; ++j)
-        prefetch(row_at(bt.k, bt.ks, bt.kh, base + o + j + kPrefetchAhead), row_bytes);
+      const float* ahead[NP];
+      for (int j = 0; j < NP; ++j) ahead[j] = row_ahead(bt.k, bt.ks, bt.kh, b, o + j + kPrefetchAhead);
       const int64_t count = std::min<int64_t>(NP, hi - o);
       for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
+        // The rows ahead are prefetched a kv head at a time, between tiles: all at once, the
+        // prefetches outnumber the core's miss buffers and stall it (~6% slower).
+        for (int j = 0; j < NP; ++j)
+          prefetch(ahead[j] == nullptr ? nullptr : ahead[j] + kvh * bt.kh, head_bytes);
         const int64_t hq = kvh * group;  // this kv head's first query head in the item
         const float* keys[NP];
         for (int j = 0; j < NP; ++j) keys[j] = kb + std::min(o + j, hi - 1) * bt.ks + kvh * bt.kh;
@@ -231,28 +201,12 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
       }
     }
   }
-  // Softmax per query head.
-  for (int64_t h = 0; h < heads; ++h) {
-    float* s = scores.data() + h * n;
-    float mx = -std::numeric_limits<float>::infinity();
-    // A vector max: the scalar loop is one long chain of 3-cycle dependent maxes.
-#pragma omp simd reduction(max : mx)
-    for (int64_t i = 0; i < n; ++i) mx = s[i] > mx ? s[i] : mx;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      s[i] = exp_nonpositive(s[i] - mx);
-      sum += s[i];
-    }
-    const float inv = 1.f / sum;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) s[i] *= inv;
-  }
+  for (int64_t h = 0; h < heads; ++h) convoy::softmax_in_place(scores.data() + h * n, n);
   // Weighted sum of values in position order like the scores, a chunk of positions at a time;
-  // within a chunk, kv head by kv head, two query heads at a time. Each position's weight
-  // multiplies its value in the same order as before chunking, so the sums are unchanged.
+  // within a chunk, kv head by kv head, kValueHeads query heads at a time. Each position's
+  // weight multiplies its value in the same order as before chunking, so the sums are
+  // unchanged.
   std::fill(oh, oh + heads * head_dim, 0.f);
-  const int64_t head_bytes = head_dim * sizeof(float);
   for (int64_t b = first / block_size; b <= last_block; ++b) {
     const int64_t base = b * block_size;
     const int64_t lo = std::max(first, base) - base, hi = std::min(len - base, block_size);
@@ -260,21 +214,26 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
       const int64_t c1 = std::min(hi, c0 + kValueChunk);
       const float* vc = block_start(bt.v, bt.vs, bt.vh, b) + c0 * bt.vs;
       for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
-        for (int64_t p = base + c0; p < base + c1; ++p)
-          prefetch(row_at(bt.v, bt.vs, bt.vh, p + kPrefetchAhead) + kvh * bt.vh, head_bytes);
+        for (int64_t o = c0; o < c1; ++o) {
+          const float* r = row_ahead(bt.v, bt.vs, bt.vh, b, o + kPrefetchAhead);
+          prefetch(r == nullptr ? nullptr : r + kvh * bt.vh, head_bytes);
+        }
         const float* v = vc + kvh * bt.vh;
-        const float* w[2];
-        float* y[2];
-        for (int64_t h = kvh * group; h < (kvh + 1) * group; h += 2) {
-          const int nh = std::min<int64_t>(2, (kvh + 1) * group - h);
+        const float* w[kValueHeads];
+        float* y[kValueHeads];
+        for (int64_t h = kvh * group; h < (kvh + 1) * group; h += kValueHeads) {
+          const int nh = std::min<int64_t>(kValueHeads, (kvh + 1) * group - h);
           for (int i = 0; i < nh; ++i) {
             w[i] = scores.data() + (h + i) * n + (base + c0 - first);
             y[i] = oh + (h + i) * head_dim;
           }
-          if (nh == 2)
-            add_weighted_head<2>(y, w, v, bt.vs, c1 - c0, head_dim);
-          else
-            add_weighted_head<1>(y, w, v, bt.vs, c1 - c0, head_dim);
+          const int64_t count = c1 - c0;
+          if constexpr (kValueHeads == 4) {
+            if (nh == 4) add_weighted_head<4>(y, w, v, bt.vs, count, head_dim);
+            if (nh == 3) add_weighted_head<3>(y, w, v, bt.vs, count, head_dim);
+          }
+          if (nh == 2) add_weighted_head<2>(y, w, v, bt.vs, count, head_dim);
+          if (nh == 1) add_weighted_head<1>(y, w, v, bt.vs, count, head_dim);
         }
       }
     }
@@ -343,14 +302,13 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   // One work item is a sequence with all its kv heads; with fewer sequences than threads,
   // items split a sequence by kv head instead so every thread has work.
   const int64_t splits = num_seqs >= at::get_num_threads() ? 1 : num_kv_heads;
-  at::parallel_for(0, num_seqs * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / splits;
-      const int64_t h0 = splits == 1 ? 0 : item % splits;
-      run(bt, seq, h0, splits == 1 ? num_kv_heads : h0 + 1, scores);
-    }
-  });
+  convoy::run_costliest_first(
+      num_seqs * splits, [&](int64_t item) { return bt.lens[item / splits]; },
+      [&](int64_t item, std::vector<float>& scores) {
+        const int64_t seq = item / splits;
+        const int64_t h0 = splits == 1 ? 0 : item % splits;
+        run(bt, seq, h0, splits == 1 ? num_kv_heads : h0 + 1, scores);
+      });
 }
 
 // k_cache[slot_mapping[t]] = k[t] and the same for v: the new tokens' keys and values stored

@@ -1,10 +1,12 @@
-// Eight-float vectors for convoy's CPU kernels, as GCC (12+) / Clang vector extensions.
+// Float vectors for convoy's CPU kernels, as GCC (12+) / Clang vector extensions.
 //
 // Written this way (not as `#pragma omp simd` reductions) because the compiler's own
 // horizontal reduction of a simd loop goes through the stack one lane at a time, which cost
 // more than the loop itself in these kernels' short (64-128 float) dot products. Eight lanes
-// are one AVX2 register; on AVX-512 machines the compiler uses the same 256-bit
-// instructions, which on AMD Zen 4 run at the full 512-bit rate anyway.
+// (vf8) are one AVX2 register. vfw is the widest vector the build targets: 16 lanes where
+// AVX-512 is enabled, else vf8. Kernels whose inner loops are arithmetic-bound use vfw: AMD
+// Zen 5 and Intel cores execute 512-bit FMAs at twice the 256-bit rate (Zen 4 splits them in
+// two halves, so there it is only fewer instructions).
 
 #pragma once
 
@@ -40,6 +42,35 @@ inline vf8 load8(const int8_t* p) {
 
 inline void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
 
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+using vfw = float __attribute__((vector_size(64)));
+#else
+constexpr int kLanes = 8;
+using vfw = vf8;
+#endif
+
+inline vfw loadw(const float* p) {
+  vfw v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void storew(float* p, vfw v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline vfw splatw(float x) { return vfw{} + x; }
+
+// The sum of x's lanes kept as eight partial sums: lane i of the result adds lanes i, i + 8,
+// ... of x (one shuffle and add on AVX-512, nothing on AVX2).
+inline vf8 fold8(vfw x) {
+#if defined(__AVX512F__)
+  return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return x;
+#endif
+}
+
 // Makes v live in a register from here on (an empty asm that claims to change it). Where one
 // loaded vector feeds several FMAs, GCC 12 otherwise folds the load into each FMA as a memory
 // operand, so the loop issues a load per FMA and is bound by the load ports, not the FMA units
@@ -53,6 +84,10 @@ inline void keep_in_register(vf8& v) {
   (void)v;
 #endif
 }
+
+#if defined(__AVX512F__)
+inline void keep_in_register(vfw& v) { asm("" : "+v"(v)); }
+#endif
 
 // Asks for the cache line at p to be brought into L2 (a non-binding prefetch; any address is
 // safe). An asm statement rather than __builtin_prefetch: GCC 12 treats the builtin as free of
