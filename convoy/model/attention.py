@@ -33,6 +33,19 @@ class PrefillChunk:
 
 
 @dataclass
+class PagedPrefill:
+    """The step's prompt chunks as convoy's CPU prefill kernel reads them: each chunk's block
+    table and its queries (rows ``query_starts[c]`` on, ``num_queries[c]`` of them, at
+    positions ``positions[c]`` on), keys and values straight from the cache."""
+
+    kernel: Any
+    block_tables: torch.Tensor  # (C, B)
+    query_starts: torch.Tensor  # (C,)
+    positions: torch.Tensor  # (C,)
+    num_queries: torch.Tensor  # (C,)
+
+
+@dataclass
 class SharedPrefixDecode:
     """Decodes that share their leading KV blocks (prefix caching, or n > 1 samples).
 
@@ -60,6 +73,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None
     decode_kernel: Any = None
     block_size: int = 0
+    # Set when prompt chunks run convoy's CPU prefill kernel instead of torch's attention on a
+    # gathered copy of each chunk's context (``prefills`` still describes them).
+    paged_prefill: PagedPrefill | None = None
     # Shared-prefix decode (used by layers without a sliding window): groups of decode rows
     # with a common prefix, and each row's context after its group's prefix (all of it for
     # rows in no group), padded with the zeroed pad slot.
@@ -100,6 +116,8 @@ class AttentionMetadata:
 
     def _prefill_masks(self, window: int | None) -> list[torch.Tensor | None]:
         masks: list[torch.Tensor | None] = []
+        if self.paged_prefill is not None:
+            return masks  # the kernel masks each row itself
         for chunk in self.prefills:
             n = chunk.context_slots.shape[0]
             if chunk.q_end - chunk.q_start == n and (window is None or window >= n):
@@ -188,6 +206,22 @@ def paged_attention(
         o = probs @ v.transpose(1, 2)  # (D, Hkv, G, Dh)
         out[:d] = o.reshape(d, num_heads, -1)
 
+    if meta.paged_prefill is not None:
+        pp = meta.paged_prefill
+        pp.kernel.paged_prefill_attention(
+            out,
+            q,
+            k_cache,
+            v_cache,
+            pp.block_tables,
+            pp.query_starts,
+            pp.positions,
+            pp.num_queries,
+            meta.block_size,
+            scale,
+            window or 0,
+        )
+        return out
     # On CUDA not cuDNN's attention, which torch prefers on recent GPUs: it builds an execution
     # plan for every new (query, context) shape, and each prompt length is one (~10 s of plans
     # in the first 64-prompt run on an H200, measured).

@@ -23,6 +23,7 @@ _SOURCES = [
     _CSRC / "elementwise_cpu.cpp",
     _CSRC / "greedy_head_cpu.cpp",
     _CSRC / "paged_attention_cpu.cpp",
+    _CSRC / "prefill_attention_cpu.cpp",
     _CSRC / "skinny_linear_cpu.cpp",
 ]
 _lock = threading.Lock()

@@ -13,7 +13,12 @@ from convoy.engine.profiler import StepTiming
 from convoy.engine.scheduler import ScheduledRequest, SchedulerOutput
 from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
-from convoy.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixDecode
+from convoy.model.attention import (
+    AttentionMetadata,
+    PagedPrefill,
+    PrefillChunk,
+    SharedPrefixDecode,
+)
 from convoy.model.cuda_graphs import DecodeGraphs
 from convoy.model.decoder import Attention
 from convoy.model.greedy_head import ScreenedGreedyHead, make_greedy_head
@@ -145,7 +150,8 @@ class ModelRunner:
         # Greedy rows' tokens from a bfloat16 and/or int8 screen of the head (float32 CPU
         # models, CPUs with native bfloat16 or VNNI); set by _attach_cpu_linear_paths.
         self.greedy_head: ScreenedGreedyHead | None = None
-        # convoy's paged decode kernel reads the cache in place; torch ops gather a padded copy.
+        # convoy's paged attention kernels (decode and prefill) read the cache in place; torch
+        # ops gather a copy of each context.
         self.decode_kernel = None
         if (
             model_config.attention_backend == "auto"
@@ -484,6 +490,17 @@ class ModelRunner:
                     query_positions=pos[s.start :],
                 )
             )
+        paged_prefill = None
+        if self.decode_kernel is not None and prefills:
+            paged_prefill = PagedPrefill(
+                kernel=self.decode_kernel,
+                block_tables=tables[num_decodes:],
+                query_starts=torch.tensor(q_starts[num_decodes:], dtype=torch.long, device=dev),
+                positions=starts[num_decodes:],
+                num_queries=torch.tensor(
+                    [s.num_tokens for s in order[num_decodes:]], dtype=torch.long, device=dev
+                ),
+            )
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
             num_decode_tokens=num_decodes,
@@ -493,6 +510,7 @@ class ModelRunner:
             decode_block_tables=decode_tables,
             decode_kernel=self.decode_kernel if decode_tables is not None else None,
             block_size=bs,
+            paged_prefill=paged_prefill,
             prefix_groups=prefix_groups,
             suffix_slots=suffix_slots,
             suffix_lens=suffix_lens,
@@ -533,10 +551,23 @@ class ModelRunner:
                 )
             )
         meta.output_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        paged_prefill = None
+        if meta.paged_prefill is not None and prefills:
+            sampling = [j for j, s in enumerate(order[d:]) if s.samples]
+            pick = torch.tensor(sampling, dtype=torch.long, device=self.device)
+            pp = meta.paged_prefill
+            paged_prefill = PagedPrefill(
+                kernel=pp.kernel,
+                block_tables=pp.block_tables.index_select(0, pick),
+                query_starts=torch.arange(d, d + len(sampling), device=self.device),
+                positions=(pp.positions + pp.num_queries - 1).index_select(0, pick),
+                num_queries=torch.ones(len(sampling), dtype=torch.long, device=self.device),
+            )
         meta.output_meta = replace(
             meta,
             slot_mapping=meta.slot_mapping[meta.output_rows],
             prefills=prefills,
+            paged_prefill=paged_prefill,
             output_rows=None,
             output_meta=None,
             _masks={},

@@ -1,6 +1,6 @@
 """Attention variants equal plain paged attention (no model needed): the shared-prefix split
-softmax, convoy's C++ paged decode kernel, and unmasked causal prefill of whole prompts; and
-the C++ KV cache write equals ``index_copy_``."""
+softmax, convoy's C++ paged decode and prefill kernels, and unmasked causal prefill of whole
+prompts; and the C++ KV cache write equals ``index_copy_``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from convoy.model import cpu_kernels
 from convoy.model.attention import (
     AttentionMetadata,
+    PagedPrefill,
     PrefillChunk,
     SharedPrefixDecode,
     paged_attention,
@@ -125,6 +126,93 @@ def test_paged_kernel_refuses_a_head_dim_it_cannot_tile() -> None:
     table, lens = torch.zeros(1, 2, dtype=torch.long), torch.tensor([3])
     with pytest.raises(RuntimeError, match="multiple of 8"):
         kernel.paged_decode_attention(torch.empty_like(q), q, cache, cache, table, lens, 4, 1.0, 0)
+
+
+# Query heads per kv head 1, 3, 4 and 7 (score tiles of 8 rows and a rest of 1-7; value sums of
+# 4 rows and a rest); head dims a multiple of 16 and not (24: AVX-512's 8-float rest).
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (8, 2), (14, 2)])
+@pytest.mark.parametrize("window", [None, 1, 7, 1000])
+@pytest.mark.parametrize(("dim", "block_size"), [(16, 4), (64, 16), (24, 5), (64, 128)])
+def test_paged_prefill_kernel_equals_gathered_attention(
+    heads: int, kv_heads: int, window: int | None, dim: int, block_size: int
+) -> None:
+    """Prompt chunks of a mixed step (after two decode rows): whole prompts, chunks resuming
+    at a later position (chunked prefill, prefix cache hits), a one-token chunk and one long
+    enough to span several items and blocks, their contexts in scattered blocks. The kernel
+    matches torch's attention on gathered contexts, and the decode rows are left alone."""
+    kernel = cpu_kernels.load()
+    assert kernel is not None, cpu_kernels.unavailable_reason()
+    gen = torch.Generator().manual_seed(2)
+    # (position of the first query, queries) per chunk.
+    chunks = [(0, 9), (13, 6), (0, 1), (40, 1), (3 * block_size + 5, 70), (0, 37)]
+    decodes = 2
+    need_blocks = [-(-(start + n) // block_size) for start, n in chunks]
+    num_blocks = sum(need_blocks) + 3
+    k_cache = torch.randn(num_blocks * block_size + 1, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(num_blocks * block_size + 1, kv_heads, dim, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, width = [], max(need_blocks) + 1
+    for need in need_blocks:
+        tables.append(perm[:need] + [0] * (width - need))
+        perm = perm[need:]
+    table_t = torch.tensor(tables)
+    q_starts, prefills, row = [], [], decodes
+    for c, (start, n) in enumerate(chunks):
+        pos = torch.arange(start + n)
+        slots = table_t[c, pos // block_size] * block_size + pos % block_size
+        prefills.append(PrefillChunk(row, row + n, slots, pos[start:]))
+        q_starts.append(row)
+        row += n
+    # q as the model has it: a column slice of the qkv projection's output, rows not contiguous.
+    qkv = torch.randn(row, heads + 2 * kv_heads, dim, generator=gen)
+    q = qkv[:, :heads]
+    gathered = AttentionMetadata(
+        slot_mapping=torch.zeros(row, dtype=torch.long),
+        num_decode_tokens=0,
+        decode_slots=None,
+        decode_context_lens=None,
+        prefills=prefills,
+    )
+    paged = AttentionMetadata(
+        slot_mapping=gathered.slot_mapping,
+        num_decode_tokens=0,
+        decode_slots=None,
+        decode_context_lens=None,
+        prefills=prefills,
+        block_size=block_size,
+        paged_prefill=PagedPrefill(
+            kernel=kernel,
+            block_tables=table_t,
+            query_starts=torch.tensor(q_starts),
+            positions=torch.tensor([start for start, _ in chunks]),
+            num_queries=torch.tensor([n for _, n in chunks]),
+        ),
+    )
+    want = paged_attention(q, k_cache, v_cache, gathered, 0.25, window)
+    got = paged_attention(q, k_cache, v_cache, paged, 0.25, window)
+    torch.testing.assert_close(got[decodes:], want[decodes:], rtol=1e-5, atol=1e-6)
+
+
+def test_paged_prefill_kernel_refuses_blocks_outside_the_cache() -> None:
+    kernel = cpu_kernels.load()
+    assert kernel is not None, cpu_kernels.unavailable_reason()
+    cache = torch.zeros(2, 4 * 4, 1, 8)  # K and V: 4 blocks of 4 slots
+    q = torch.zeros(6, 1, 8)
+    one = torch.tensor([0])
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        kernel.paged_prefill_attention(
+            torch.empty_like(q),
+            q,
+            cache[0],
+            cache[1],
+            torch.tensor([[1, 4]]),
+            one,
+            one,
+            torch.tensor([6]),
+            4,
+            1.0,
+            0,
+        )
 
 
 @pytest.mark.parametrize("window", [None, 3, 20, 64])

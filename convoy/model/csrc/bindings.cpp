@@ -6,6 +6,11 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
                             torch::Tensor v_cache, torch::Tensor block_tables,
                             torch::Tensor context_lens, int64_t block_size, double scale,
                             int64_t window);
+void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
+                             torch::Tensor v_cache, torch::Tensor block_tables,
+                             torch::Tensor query_starts, torch::Tensor positions,
+                             torch::Tensor num_queries, int64_t block_size, double scale,
+                             int64_t window);
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor slot_mapping);
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
@@ -28,6 +33,8 @@ torch::Tensor screened_argmax_int8(torch::Tensor acc, torch::Tensor x, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention over a paged float32 KV cache (CPU)");
+  m.def("paged_prefill_attention", &paged_prefill_attention,
+        "Causal attention of prompt chunks over a paged float32 KV cache (CPU)");
   m.def("write_kv", &write_kv,
         "Store new tokens' keys and values at their slots of the paged cache (CPU)");
   m.def("skinny_linear", &skinny_linear, "x W^T + b for a few rows of x, float32 (CPU)");
