@@ -7,7 +7,9 @@ Memory layout of one layer's cache (keys and values alike)::
 
 The batch is ragged: ``T`` query tokens from all scheduled requests, concatenated, decodes
 (one query token each) first, then prompt chunks. New keys/values are written to their
-slots first; then each query attends to its request's whole context, gathered from the
+slots first; then each query attends to its request's whole context: on the CPU in float32
+with convoy's C++ kernels, which read the cache in place through the block tables
+(``decode_kernel``, ``paged_prefill``); elsewhere with torch ops on a copy gathered from the
 cache by slot index.
 """
 

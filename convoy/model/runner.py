@@ -152,14 +152,14 @@ class ModelRunner:
         self.greedy_head: ScreenedGreedyHead | None = None
         # convoy's paged attention kernels (decode and prefill) read the cache in place; torch
         # ops gather a copy of each context.
-        self.decode_kernel = None
+        self.attention_kernels = None
         if (
             model_config.attention_backend == "auto"
             and self.device.type == "cpu"
             and self.dtype == torch.float32
             and arch.head_dim % 8 == 0  # the kernel works in 8-float vectors
         ):
-            self.decode_kernel = cpu_kernels.load()
+            self.attention_kernels = cpu_kernels.load()
         self._attach_cpu_linear_paths(model_config, max_num_seqs)
         self._attach_cpu_elementwise_kernels()
         if self.device.type == "cpu":
@@ -469,7 +469,7 @@ class ModelRunner:
                 prefix_groups, suffix_slots, suffix_lens = self._shared_prefixes(
                     order[:num_decodes], tables[:num_decodes], decode_lens
                 )
-            if self.decode_kernel is not None:
+            if self.attention_kernels is not None:
                 decode_tables = tables[:num_decodes]
             else:
                 pos = torch.arange(lmax, device=dev)
@@ -491,9 +491,9 @@ class ModelRunner:
                 )
             )
         paged_prefill = None
-        if self.decode_kernel is not None and prefills:
+        if self.attention_kernels is not None and prefills:
             paged_prefill = PagedPrefill(
-                kernel=self.decode_kernel,
+                kernel=self.attention_kernels,
                 block_tables=tables[num_decodes:],
                 query_starts=torch.tensor(q_starts[num_decodes:], dtype=torch.long, device=dev),
                 positions=starts[num_decodes:],
@@ -508,7 +508,7 @@ class ModelRunner:
             decode_context_lens=decode_lens,
             prefills=prefills,
             decode_block_tables=decode_tables,
-            decode_kernel=self.decode_kernel if decode_tables is not None else None,
+            decode_kernel=self.attention_kernels if decode_tables is not None else None,
             block_size=bs,
             paged_prefill=paged_prefill,
             prefix_groups=prefix_groups,
