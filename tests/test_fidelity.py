@@ -154,6 +154,9 @@ def test_greedy_matches_transformers(case: str, make_checkpoint: Callable[..., P
         llm = LLM(model=str(path), max_model_len=512, **kwargs)
         if mode == "torch ops only":
             torch_ops_only(llm)
+        else:
+            # convoy's paged attention kernels (decode and prompt chunks) are what ran.
+            assert llm.engine.runner.attention_kernels is not None
         poison_kv_cache(llm)
         outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
         check_against(outputs, refs, mode)
