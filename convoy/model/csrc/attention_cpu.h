@@ -67,6 +67,17 @@ inline void add_weighted_head(float* const* y, const float* const* w, const floa
     at(d, [&](float* const* yd) { add_weighted<vf8, 1, NH>(yd, w, v + d, v_stride, count); });
 }
 
+// add_weighted_head for nh rows, 1 <= nh <= kValueHeads, nh known at run time.
+inline void add_weighted_rows(int nh, float* const* y, const float* const* w, const float* v,
+                              int64_t v_stride, int64_t count, int64_t head_dim) {
+  switch (nh) {
+    case 4: return add_weighted_head<4>(y, w, v, v_stride, count, head_dim);
+    case 3: return add_weighted_head<3>(y, w, v, v_stride, count, head_dim);
+    case 2: return add_weighted_head<2>(y, w, v, v_stride, count, head_dim);
+    default: return add_weighted_head<1>(y, w, v, v_stride, count, head_dim);
+  }
+}
+
 // exp(x) for x <= 0 (softmax after subtracting the max), written so the compiler vectorizes
 // it (a libm call does not vectorize without -ffast-math): Cody-Waite range reduction and a
 // degree-6 polynomial, within 2 ulp of expf; below -87 it flushes to 0 like expf's underflow.

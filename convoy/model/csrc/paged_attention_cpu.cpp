@@ -24,12 +24,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -39,12 +35,10 @@ namespace {
 
 using convoy::keep_in_register;
 using convoy::load8;
-using convoy::splat8;
 using convoy::store8;
 using convoy::vf8;
-using convoy::vfw;
-using convoy::add_weighted_head;
 using convoy::kValueHeads;
+using convoy::vfw;
 
 // Scores of NG query heads (rows of q, q_stride apart) against NP keys, NG * NP <= 16: the dot
 // products q_i . k_j of a tile, summed horizontally together, into s[i * NP + j] (lanes past
@@ -174,7 +168,8 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
     const float* kb = block_start(bt.k, bt.ks, bt.kh, b);
     for (int64_t o = lo; o < hi; o += NP) {
       const float* ahead[NP];
-      for (int j = 0; j < NP; ++j) ahead[j] = row_ahead(bt.k, bt.ks, bt.kh, b, o + j + kPrefetchAhead);
+      for (int j = 0; j < NP; ++j)
+        ahead[j] = row_ahead(bt.k, bt.ks, bt.kh, b, o + j + kPrefetchAhead);
       const int64_t count = std::min<int64_t>(NP, hi - o);
       for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
         // The rows ahead are prefetched a kv head at a time, between tiles: all at once, the
@@ -227,13 +222,7 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
             w[i] = scores.data() + (h + i) * n + (base + c0 - first);
             y[i] = oh + (h + i) * head_dim;
           }
-          const int64_t count = c1 - c0;
-          if constexpr (kValueHeads == 4) {
-            if (nh == 4) add_weighted_head<4>(y, w, v, bt.vs, count, head_dim);
-            if (nh == 3) add_weighted_head<3>(y, w, v, bt.vs, count, head_dim);
-          }
-          if (nh == 2) add_weighted_head<2>(y, w, v, bt.vs, count, head_dim);
-          if (nh == 1) add_weighted_head<1>(y, w, v, bt.vs, count, head_dim);
+          convoy::add_weighted_rows(nh, y, w, v, bt.vs, c1 - c0, head_dim);
         }
       }
     }

@@ -2,8 +2,9 @@
 // causal context straight from the paged KV cache.
 //
 // torch's CPU scaled_dot_product_attention, called once per chunk on a gathered copy of its
-// context, runs these shapes (a few hundred queries, head_dim 64, grouped kv heads) at
-// 50-110 GFLOP/s on two Zen 5 cores: ~10% of a 2048-token prefill step of a 200M model.
+// context, runs these shapes (head_dim 64, grouped kv heads) at 30-60 GFLOP/s on two Zen 5
+// cores for prompts of 64-256 tokens and ~150 for one of 2048 (the causal half counted): ~10%
+// of a 2048-token prefill step of a 200M model. This kernel: 80-130 and ~270-300.
 // Here each chunk's keys are first transposed, kv head by kv head, into a matrix with one row
 // per head dimension, so scores are a plain matrix product vectorized over keys (no
 // horizontal sums). A work item is then (chunk, kv head, a few query positions): its rows are
@@ -26,7 +27,6 @@
 
 namespace {
 
-using convoy::add_weighted_head;
 using convoy::kLanes;
 using convoy::kValueHeads;
 using convoy::vfw;
@@ -36,8 +36,10 @@ using convoy::vfw;
 constexpr int kScoreRows = kLanes == 16 ? 8 : 4;
 constexpr int64_t kKeyTile = 2 * kLanes;
 
-// Query rows per work item, about: enough rows that each transposed key feeds many of them,
-// few enough that one item's scores (rows x keys) stay in L2.
+// Query rows per work item, about: enough that an item's fixed costs (its score rows' setup,
+// each value read once per kValueHeads rows) are shared, few enough that its scores (rows x
+// keys) stay in L2 and a chunk splits into items for every thread. 16 and 64 measured
+// slower and level.
 constexpr int64_t kItemRows = 32;
 constexpr int64_t kItemScoreFloats = 256 * 1024;
 
@@ -211,12 +213,7 @@ void attend_item(const Chunks& ch, const Item& it, const TransposedKeys& keys,
       const int64_t run = std::min(hi - j, bs - pos % bs);
       const float* v = ch.v + (table[pos / bs] * bs + pos % bs) * ch.vs + it.kvh * ch.vh;
       for (int r = 0; r < nh; ++r) w[r] = scores + (r0 + r) * ld + j;
-      if constexpr (kValueHeads == 4) {
-        if (nh == 4) add_weighted_head<4>(y, w, v, ch.vs, run, head_dim);
-        if (nh == 3) add_weighted_head<3>(y, w, v, ch.vs, run, head_dim);
-      }
-      if (nh == 2) add_weighted_head<2>(y, w, v, ch.vs, run, head_dim);
-      if (nh == 1) add_weighted_head<1>(y, w, v, ch.vs, run, head_dim);
+      convoy::add_weighted_rows(nh, y, w, v, ch.vs, run, head_dim);
       j += run;
     }
   }
