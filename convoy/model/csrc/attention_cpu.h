@@ -120,7 +120,7 @@ inline void softmax_in_place(float* s, int64_t n) {
 // at a time, costliest first, to whichever thread is free: items differ by several times
 // within a batch (contexts of 50 and 4000 tokens), and a static split leaves a thread waiting
 // for the other (in a batch ordered by age, the oldest, longest sequences all land on the
-// first thread: 13% slower measured). Each thread has its own scratch vector.
+// first thread). Each thread has its own scratch vector.
 template <typename Cost, typename Work>
 void run_costliest_first(int64_t num_items, Cost cost, Work work) {
   std::vector<int64_t> order(num_items);

@@ -11,11 +11,11 @@
 // scattered, so the hardware prefetcher cannot see the next one coming).
 //
 // The kernel reads the cache at close to the machine's streaming bandwidth only when blocks
-// are long: on a Zen 4 box, 2 threads summing the same bytes reach ~17 GB/s with 16-token
-// blocks and ~30 GB/s with 128-token ones. That is why convoy's CPU default is 128. On a Zen 5
-// box (2 threads, 64 sequences of 150-300 positions, 12 layers) it reads 34 GB/s where a
-// plain sum over the same blocks reads ~47: it waits on memory and computes in turn, more
-// than it overlaps the two.
+// are long: the memory system streams long runs of the cache much faster than scattered
+// 16-token ones, even for a plain sum over the same bytes. That is why convoy's CPU default
+// block is 128 tokens. It still reads more slowly than such a plain sum: it waits on memory
+// and computes in turn, more than it overlaps the two. (The figures behind this are in
+// docs/performance/README.md.)
 //
 // Softmax is computed the plain way (scores, max, exp, sum, weighted sum of values) in
 // float32, like the reference implementation, so results match it to float rounding.
@@ -81,7 +81,7 @@ inline void score_tile(const float* q, int64_t q_stride, const float* const* key
 
 // Asks for [p, p + bytes) to be brought into L2 ahead of use. Blocks are scattered, so at
 // every block boundary the hardware prefetcher would have to start over: without this the
-// kernel waits on memory latency, not bandwidth (about 2x slower).
+// kernel waits on memory latency, not bandwidth, and runs far slower.
 inline void prefetch(const float* p, int64_t bytes) {
   if (p == nullptr) return;
   const char* c = reinterpret_cast<const char*>(p);
@@ -90,8 +90,8 @@ inline void prefetch(const float* p, int64_t bytes) {
 
 
 // How many positions ahead of the one being read the kernel prefetches: 16 rows are 8-16 KB
-// for 2-4 kv heads of 64 floats, enough to cover DRAM latency at this bandwidth; farther
-// measured no better and costs L1/L2 room.
+// for 2-4 kv heads of 64 floats, enough to cover DRAM latency; prefetching farther ahead did
+// no better and costs L1/L2 room.
 constexpr int64_t kPrefetchAhead = 16;
 
 // Positions whose values are summed together, kv head after kv head, before moving on: the
@@ -173,7 +173,7 @@ void attend(const Batch& bt, int64_t seq, int64_t h0, int64_t h1, std::vector<fl
       const int64_t count = std::min<int64_t>(NP, hi - o);
       for (int64_t kvh = 0; kvh < h1 - h0; ++kvh) {
         // The rows ahead are prefetched a kv head at a time, between tiles: all at once, the
-        // prefetches outnumber the core's miss buffers and stall it (~6% slower).
+        // prefetches outnumber the core's miss buffers and stall it.
         for (int j = 0; j < NP; ++j)
           prefetch(ahead[j] == nullptr ? nullptr : ahead[j] + kvh * bt.kh, head_bytes);
         const int64_t hq = kvh * group;  // this kv head's first query head in the item
@@ -301,13 +301,10 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
 }
 
 // k_cache[slot_mapping[t]] = k[t] and the same for v: the new tokens' keys and values stored
-// at their slots. torch's index_copy_ copies element by element through a strided iterator:
-// 12-27 us a K/V pair for the 64 rows of a decode step, against 4-7 us here for one memcpy
-// per row and both caches in one call (isolated, rows in cache). In a running engine this
-// call measured 30-200 us: 17 us isolated with rows not in cache, 36-41 right after a GEMM,
-// the rest not pinned down. Any dtype;
-// caches (S, Hkv, D) and k, v (T, Hkv, D), each token's (Hkv, D) contiguous (k and v may be
-// column slices of the qkv projection's output).
+// at their slots. torch's index_copy_ copies element by element through a strided iterator,
+// several times slower than one memcpy per row with both caches in one call, as here. Any
+// dtype; caches (S, Hkv, D) and k, v (T, Hkv, D), each token's (Hkv, D) contiguous (k and v
+// may be column slices of the qkv projection's output).
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor slot_mapping) {
   TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3 && k.dim() == 3 && v.dim() == 3,

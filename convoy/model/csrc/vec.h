@@ -4,9 +4,9 @@
 // horizontal reduction of a simd loop goes through the stack one lane at a time, which cost
 // more than the loop itself in these kernels' short (64-128 float) dot products. Eight lanes
 // (vf8) are one AVX2 register. vfw is the widest vector the build targets: 16 lanes where
-// AVX-512 is enabled, else vf8. Kernels whose inner loops are arithmetic-bound use vfw: AMD
-// Zen 5 and Intel cores execute 512-bit FMAs at twice the 256-bit rate (Zen 4 splits them in
-// two halves, so there it is only fewer instructions).
+// AVX-512 is enabled, else vf8. Kernels whose inner loops are arithmetic-bound use vfw: cores
+// with full-width 512-bit FMA units do twice the work per instruction, and cores that split
+// a 512-bit FMA in two halves still issue fewer instructions.
 
 #pragma once
 
@@ -73,8 +73,7 @@ inline vf8 fold8(vfw x) {
 
 // Makes v live in a register from here on (an empty asm that claims to change it). Where one
 // loaded vector feeds several FMAs, GCC 12 otherwise folds the load into each FMA as a memory
-// operand, so the loop issues a load per FMA and is bound by the load ports, not the FMA units
-// (in paged attention: ~35% more cycles).
+// operand, so the loop issues a load per FMA and is bound by the load ports, not the FMA units.
 inline void keep_in_register(vf8& v) {
 #if defined(__AVX512VL__)
   asm("" : "+v"(v));  // any of the 32 vector registers
