@@ -13,9 +13,9 @@ non-finite value) come back as -1 and go through the full float32 projection.
 
 Two screens, by what the CPU multiplies natively (:func:`screen_kind`):
 
-* **int8** (AVX512-VNNI, AVX-VNNI, AMX-INT8, for CPUs without native bfloat16 such as Ice
-  Lake and Cascade Lake servers: oneDNN's int8 product runs ~3x its float32 one on a 64 x 384
-  x 32k head here, and reads a quarter of the float32 bytes). Each head row is stored as int8
+* **int8** (AVX512-VNNI, AVX-VNNI, AMX-INT8, for CPUs without native bfloat16: oneDNN's int8
+  product runs several times faster than its float32 one, and reads a quarter of the float32
+  bytes). Each head row is stored as int8
   with its own scale, ``w_j = s_j q_j + r_j``; each step quantizes each hidden row the same way,
   ``x = s_x q_x + r_x``, and ``acc = q_x . q_j`` is exact in int32. With ``x^ = s_x q_x``:
 
@@ -26,15 +26,15 @@ Two screens, by what the CPU multiplies natively (:func:`screen_kind`):
   summation; "rounding" covers computing ``a_j = acc_j (s_x s_j)`` and the bounds in float,
   2^-21 |x^| (|w_j| + |r_j|)). The residual norms are the actual ones, per row and per token,
   not worst cases: for a Gaussian-like row ~0.7% of |x| |w_j| each.
-* **bfloat16** (AVX512-BF16 or AMX without VNNI): ``a = bf16(W) bf16(x)`` by oneDNN, twice as
-  fast as the float32 product, with ``E_j = c(C) |x| |w_j|`` (:func:`error_factor`): c from
+* **bfloat16** (AVX512-BF16 or AMX without VNNI): ``a = bf16(W) bf16(x)`` by oneDNN, reading
+  half the float32 product's bytes, with ``E_j = c(C) |x| |w_j|`` (:func:`error_factor`): c from
   rounding x and w to bfloat16 (relative 2^-8 each), summing C products in float32 (gamma_C,
   for the screen and again for the float32 logit) and rounding the screened sum to bfloat16
   (2^-8), about 3 * 2^-8. (oneDNN's bfloat16 kernels accumulate in float32: products of two
   bfloat16 values are exact in float32, and AVX512-BF16's dot-product instruction rounds each
   addition to nearest.)
 
-CPUs with both (Zen 4 and 5, Sapphire Rapids) hold both and route each row
+CPUs with both (native bfloat16 and int8 dot products) hold both and route each row
 (:class:`MixedGreedyHead`): int8 where its bound is about as tight as bfloat16's, which it is
 for rows without outlier dimensions. Elsewhere (plain AVX2) both products are emulated and
 there is no screen.
@@ -209,9 +209,8 @@ class MixedGreedyHead(ScreenedGreedyHead):
     int8 bound would be more than ``WIDTH_LIMIT`` times as wide as the bfloat16 one.
 
     The int8 screen reads half the bfloat16 screen's bytes: on a single stream, where the
-    head's product is bound by reading it, it is the faster one (this head against the
-    bfloat16 one alone, Zen 5: 25M model 554 against 478 tok/s, 200M 63.3 against 61.4; full
-    64-row batches level). But its bound follows each hidden row's shape: a row whose largest
+    head's product is bound by reading it, it is the faster one (in full batches the two are
+    level). But its bound follows each hidden row's shape: a row whose largest
     element dwarfs the rest (outlier dimensions) gets a coarse scale, and its bound widens with
     it, while the bfloat16 bound stays ~3 * 2^-8 |x| |w_j| whatever the row. Such rows go to
     the bfloat16 screen, so neither screen ends up computing many candidates.

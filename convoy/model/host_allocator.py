@@ -4,10 +4,9 @@ Each step allocates and frees the same large activations (a 64-row decode step o
 model: several 1-2 MB buffers per layer; a 2048-token prefill chunk: tens of MB). glibc serves
 a request above its mmap threshold with a fresh ``mmap`` and unmaps it on free, and trims the
 heap's free top back to the system; either way the next step faults the pages in again and
-the kernel zeroes every one (with transparent huge pages, 2 MB at a time). On a 2-core EPYC
-that zeroing was 2.5% of a 200M model's batched run. With the thresholds raised, page faults
-per run dropped from ~26-73k to ~3-5k; throughput rose 3-7% (200M, 64 requests) and 2-3%
-(25M) in some A/Bs and stayed within the machine's noise in others.
+the kernel zeroes every one (with transparent huge pages, 2 MB at a time). That zeroing is a
+measurable share of a batched run; with the thresholds raised, most of those page faults are
+gone (figures in docs/performance/README.md).
 
 Raising both thresholds once the weights and the KV cache exist keeps those long-lived
 buffers mapped on their own (freed back to the system with their engine) while the per-step
