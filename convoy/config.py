@@ -57,29 +57,23 @@ class ModelConfig:
     linear_backend: str = field(
         default="auto",
         metadata={
-            "help": "float32 CPU linear layers: packed (oneDNN on weights reordered once into "
-            "its blocked layout; fastest for batches), plain (weights kept as loaded: convoy's "
-            "matrix-vector kernel for up to 4 rows, the fastest single-stream decode, oneDNN "
-            "above), torch (torch.nn.functional.linear), or auto (packed when max_num_seqs > 4, "
-            "else plain). Falls back to torch where oneDNN or the kernel is missing."
+            "help": "float32 CPU linear layers: packed (oneDNN, weights reordered once; for "
+            "batches), plain (convoy's kernel up to 4 rows, oneDNN above), torch, or auto "
+            "(packed when max_num_seqs > 4, else plain)."
         },
     )
     enforce_eager: bool = field(
         default=False,
         metadata={
-            "help": "CUDA: launch every step's kernels one by one, without CUDA graphs. By "
-            "default decode steps replay graphs captured on first use (batches padded to a "
-            "few sizes, contexts to 256-token buckets up to max_model_len or 8192)."
+            "help": "CUDA: run every step eagerly, without CUDA graphs (by default decode "
+            "steps replay graphs captured on first use)."
         },
     )
     greedy_screening: bool = field(
         default=True,
         metadata={
-            "help": "float32 CPU models on CPUs with native bfloat16 (AVX512-BF16, AMX) or int8 "
-            "dot products (VNNI): greedy rows take their token from a bfloat16 or int8 pass over "
-            "the vocabulary projection plus float32 logits for the few tokens its proven error "
-            "bound leaves in reach: the float32 argmax, at a half to a quarter of the head's "
-            "bytes. Off: the full float32 projection."
+            "help": "float32 CPU models on CPUs with AVX512-BF16, AMX or VNNI: greedy rows get "
+            "the exact float32 argmax from a bfloat16/int8 screen of the head. Off: full head."
         },
     )
 
