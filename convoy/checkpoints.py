@@ -364,7 +364,8 @@ def _reinit_parameters(model: torch.nn.Module, *, init_std: float, seed: int) ->
 
 # The convoy-tiny family: small Llama checkpoints trained on the Python standard library by
 # scripts/train_convoy_tiny.py and shipped inside the package, so every command has a model
-# that makes sense offline. The draft shares the target's tokenizer (speculative decoding).
+# that makes sense offline. The smaller draft shares the target's tokenizer, so it can serve
+# as a speculative-decoding draft once convoy implements that (it does not yet).
 DEFAULT_MODEL_NAME = "convoy-tiny"
 DRAFT_MODEL_NAME = "convoy-tiny-draft"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"

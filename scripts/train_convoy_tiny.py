@@ -1,7 +1,8 @@
 """Train the ``convoy-tiny`` model family on the Python standard library's own sources.
 
-Two Llama-architecture checkpoints share one tokenizer: a target (~7M parameters) and a draft
-about 5x smaller for speculative decoding. Both are written in the standard Hugging Face layout
+Two Llama-architecture checkpoints share one tokenizer: a target (~7M parameters) and a smaller
+companion about 5x smaller (a draft for speculative decoding, which convoy does not implement
+yet). Both are written in the standard Hugging Face layout
 (config.json, generation_config.json, model.safetensors, tokenizer files with a ChatML chat
 template) together with ``training.json`` (corpus split, hyperparameters, losses) and a model
 card (README.md) filled in from it.
@@ -11,7 +12,7 @@ by path, split into train/validation by a hash of the path), the tokenizer train
 deterministic, and every random draw (init, batch sampling) comes from fixed seeds. With the
 same Python, torch version and thread count the weights come out the same.
 
-    python scripts/train_convoy_tiny.py --out convoy/assets          # ~40 min on 2 cores
+    python scripts/train_convoy_tiny.py --out convoy/assets          # the cards record the time
     python scripts/train_convoy_tiny.py --out /tmp/t --target-steps 20 --draft-steps 20  # smoke
 """
 
@@ -153,7 +154,8 @@ def greedy_agreement(
 ) -> float:
     """Share of positions where draft and target predict the same next token (teacher forcing).
 
-    This is the per-token acceptance rate greedy speculative decoding can expect.
+    This is the per-token acceptance rate greedy speculative decoding could expect (convoy
+    does not implement speculative decoding yet).
     """
     draft.eval()
     target.eval()
@@ -263,8 +265,9 @@ def model_card(record: dict[str, Any]) -> str:
     )
     agreement = record.get("greedy_agreement_with_target", record.get("draft_greedy_agreement"))
     role = (
-        "the draft of `convoy-tiny` for speculative decoding (same tokenizer, about "
-        f"{record['parameters'] / 1e6:.1f}M parameters)"
+        "a smaller companion of `convoy-tiny` (same tokenizer, about "
+        f"{record['parameters'] / 1e6:.1f}M parameters), kept as a draft for speculative "
+        "decoding, which convoy does not implement yet"
         if is_draft
         else "convoy's built-in default model"
     )
@@ -280,8 +283,8 @@ tags: [convoy, llama, python, tiny]
 A tiny Llama-architecture language model trained on the Python standard library's own source
 code: {role}. It ships inside convoy so that `convoy generate`, `convoy serve` and
 `convoy bench` have a model that works offline and says something meaningful, and so that
-speculative decoding, quantization and prefix caching can be tested on predictions that mean
-something (random weights give near-uniform distributions).
+quantization and prefix caching can be tested on predictions that mean something (random
+weights give near-uniform distributions).
 
 ## Model
 
@@ -328,11 +331,11 @@ model of the training tokens (perplexity {math.exp(record["unigram_val_loss"]):.
 
 Greedy next-token agreement between `convoy-tiny-draft` and `convoy-tiny` on the held-out tokens
 (teacher forcing): **{agreement:.3f}**. That is the per-token acceptance rate greedy speculative
-decoding can expect with this pair.
+decoding could expect with this pair (convoy does not implement speculative decoding yet).
 
 ## Intended use and limits
 
-For tests, demos, and speculative-decoding, quantization and caching experiments. It completes
+For tests, demos, and quantization and caching experiments. It completes
 Python code and docstrings in the style of the standard library, plausibly at the scale of a
 line or two; it knows nothing else, has no instruction tuning (the chat template only gives the
 format), makes up APIs, and its code is not meant to run. Do not use it for anything that
