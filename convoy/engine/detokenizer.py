@@ -31,7 +31,7 @@ def _make_decode(
         and cls.decode is PreTrainedTokenizerBase.decode
     ):
         # With clean-up off, the wrapper's decode is exactly the Rust tokenizer's; calling it
-        # directly saves ~2/3 of the per-call cost, which is paid for every token of every request.
+        # directly saves most of the per-call cost, which is paid for every token of every request.
         backend = tokenizer.backend_tokenizer
 
         def decode_fast(ids: list[int]) -> str:
