@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, TypedDict, TypeGuard
 
 from transformers import PreTrainedTokenizerBase
 
@@ -13,8 +13,28 @@ from convoy.engine.engine import LLMEngine
 from convoy.outputs import RequestOutput
 from convoy.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+
+class TextPrompt(TypedDict, total=False):
+    """vLLM's ``TextPrompt``: ``{"prompt": "..."}``, tokenized by the engine."""
+
+    prompt: str
+    cache_salt: str
+
+
+class TokensPrompt(TypedDict, total=False):
+    """vLLM's ``TokensPrompt``: ``{"prompt_token_ids": [...]}``, served as given. A ``prompt``
+    beside the ids is only reported back (``RequestOutput.prompt``), as in vLLM."""
+
+    prompt_token_ids: list[int]
+    prompt: str
+    cache_salt: str
+
+
+# A string, a list of token ids, or one of vLLM's prompt dicts.
+Prompt = str | list[int] | TextPrompt | TokensPrompt
 Message = dict[str, Any]
+# The keys a prompt dict may have; ``cache_salt`` namespaces the request's cached KV blocks.
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt")
 
 
 class LLM:
@@ -44,7 +64,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (a string or a list of token ids); results in input order.
+        """Generate for every prompt; results in input order.
+
+        A prompt is a string, a list of token ids, or one of vLLM's prompt dicts:
+        ``{"prompt": "..."}`` (:class:`TextPrompt`) or ``{"prompt_token_ids": [...]}``
+        (:class:`TokensPrompt`), either with an optional ``"cache_salt"``. ``prompts`` is one
+        prompt or a sequence of them, forms mixed freely.
 
         All prompts are validated before any runs: a prompt that cannot be served raises
         ``ValueError`` naming its index, and nothing is left queued.
@@ -83,11 +108,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(
-        self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool
+        self, prompts: list[_Parsed], params: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
         engine = self.engine
         ids = [engine.new_request_id() for _ in prompts]
-        token_ids = [engine.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+        token_ids = [
+            p.token_ids if p.token_ids is not None else engine.tokenize(p.text or "")
+            for p in prompts
+        ]
         if engine.config.cache.enable_prefix_caching:
             order = reuse_order(token_ids, engine.kv_cache.block_size)
         else:
@@ -96,7 +124,14 @@ class LLM:
         try:
             for i in order:
                 try:
-                    engine.add_request(ids[i], prompts[i], params[i], prompt_token_ids=token_ids[i])
+                    p = prompts[i]
+                    engine.add_request(
+                        ids[i],
+                        p.text if p.text is not None else token_ids[i],
+                        params[i],
+                        cache_salt=p.cache_salt,
+                        prompt_token_ids=token_ids[i],
+                    )
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from e
                 added.append(ids[i])
@@ -150,18 +185,63 @@ def reuse_order(prompts: Sequence[Sequence[int]], block_size: int) -> list[int]:
     return order
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    items: list[Any] = list(prompts)
-    if items and all(isinstance(t, int) for t in items):
-        return [items]  # one prompt given as token ids
-    for p in items:
-        if not isinstance(p, str) and not (
-            isinstance(p, list) and all(isinstance(t, int) for t in p)
-        ):
-            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(p)}")
-    return items
+class _Parsed(NamedTuple):
+    """One prompt, whatever its form: the text (reported back; tokenized unless ``token_ids``
+    are given), the token ids, and the cache salt. ``text`` or ``token_ids`` is set."""
+
+    text: str | None
+    token_ids: list[int] | None
+    cache_salt: str | None = None
+
+
+def _is_token_ids(p: object) -> TypeGuard[list[int]]:
+    return isinstance(p, list) and all(isinstance(t, int) for t in p)
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[_Parsed]:
+    if isinstance(prompts, str | Mapping):
+        items: list[Any] = [prompts]
+    else:
+        items = list(prompts)
+        if items and all(isinstance(t, int) for t in items):
+            items = [items]  # one prompt given as token ids
+    parsed = []
+    for i, p in enumerate(items):
+        try:
+            parsed.append(_parse_prompt(p))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"prompt {i}: {e}") from e
+    return parsed
+
+
+def _parse_prompt(p: object) -> _Parsed:
+    if isinstance(p, str):
+        return _Parsed(p, None)
+    if _is_token_ids(p):
+        return _Parsed(None, list(p))
+    if not isinstance(p, Mapping):
+        raise TypeError(
+            "a prompt must be a string, a list of token ids, or a dict with 'prompt' or "
+            f"'prompt_token_ids', got {type(p)}"
+        )
+    unknown = [k for k in p if k not in PROMPT_KEYS]
+    if unknown:
+        allowed = ", ".join(map(repr, PROMPT_KEYS))
+        raise ValueError(f"unknown prompt keys {unknown}: a prompt dict takes {allowed}")
+    if "prompt" not in p and "prompt_token_ids" not in p:
+        raise ValueError(
+            f"a prompt dict needs 'prompt' (text) or 'prompt_token_ids', got keys {list(p)}"
+        )
+    text = p.get("prompt")
+    if text is not None and not isinstance(text, str):
+        raise TypeError(f"'prompt' must be a string, got {type(text)}")
+    token_ids = p.get("prompt_token_ids")
+    if token_ids is not None and not _is_token_ids(token_ids):
+        raise TypeError(f"'prompt_token_ids' must be a list of ints, got {token_ids!r:.80}")
+    salt = p.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise TypeError(f"'cache_salt' must be a string, got {type(salt)}")
+    return _Parsed(text, token_ids, salt)
 
 
 def _progress(total: int) -> Any:

@@ -73,6 +73,72 @@ def test_prompt_forms(llm: LLM) -> None:
     assert_clean(llm)
 
 
+def test_vllm_prompt_dicts_match_the_plain_forms(llm: LLM) -> None:
+    tok = llm.get_tokenizer()
+    hello, world = tok.encode("hello"), tok.encode("def world():")
+    plain = llm.generate(["hello", "def world():"], GREEDY, use_tqdm=False)
+
+    # One dict alone is one prompt, as a string is.
+    (text,) = llm.generate({"prompt": "hello"}, GREEDY, use_tqdm=False)
+    assert text.prompt == "hello" and text.prompt_token_ids == hello
+    (ids,) = llm.generate({"prompt_token_ids": hello}, GREEDY, use_tqdm=False)
+    assert ids.prompt is None and ids.prompt_token_ids == hello
+    assert tokens([text]) == tokens([ids]) == tokens(plain)[:1]
+
+    texts = llm.generate([{"prompt": "hello"}, {"prompt": "def world():"}], GREEDY, use_tqdm=False)
+    assert [o.prompt for o in texts] == ["hello", "def world():"]
+    id_dicts = llm.generate(
+        [{"prompt_token_ids": hello}, {"prompt_token_ids": world}], GREEDY, use_tqdm=False
+    )
+    assert [o.prompt_token_ids for o in id_dicts] == [hello, world]
+    assert tokens(texts) == tokens(id_dicts) == tokens(plain)
+
+    # Every form in one batch, in input order.
+    mixed = llm.generate(
+        ["hello", {"prompt_token_ids": world}, {"prompt": "def world():"}, hello],
+        GREEDY,
+        use_tqdm=False,
+    )
+    assert [o.prompt for o in mixed] == ["hello", None, "def world():", None]
+    assert tokens(mixed) == tokens(plain) + tokens(plain)[::-1]
+
+    # Ids win over a text beside them, which is only reported back (as in vLLM); a cache salt
+    # changes which cached blocks are shared, not what greedy decoding gives.
+    (both,) = llm.generate({"prompt": "label", "prompt_token_ids": world}, GREEDY, use_tqdm=False)
+    assert both.prompt == "label" and both.prompt_token_ids == world
+    assert tokens([both]) == tokens(plain)[1:]
+    salted = llm.generate(
+        [{"prompt": "hello", "cache_salt": "a"}, {"prompt_token_ids": world, "cache_salt": "b"}],
+        GREEDY,
+        use_tqdm=False,
+    )
+    assert tokens(salted) == tokens(plain)
+    assert_clean(llm)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "match"),
+    [
+        ({"text": "hello"}, ValueError, r"prompt 1: unknown prompt keys \['text'\].*'prompt'"),
+        (
+            {"prompt": "hi", "multi_modal_data": {}},
+            ValueError,
+            r"unknown prompt keys \['multi_modal_data'\]",
+        ),
+        ({}, ValueError, r"prompt 1: .*needs 'prompt' \(text\) or 'prompt_token_ids'"),
+        ({"cache_salt": "a"}, ValueError, r"'prompt' \(text\) or 'prompt_token_ids'"),
+        ({"prompt": [1, 2]}, TypeError, r"prompt 1: 'prompt' must be a string"),
+        ({"prompt_token_ids": "hi"}, TypeError, r"'prompt_token_ids' must be a list of ints"),
+        ({"prompt_token_ids": [1, 2.5]}, TypeError, r"'prompt_token_ids' must be a list"),
+        ({"prompt": "hi", "cache_salt": 3}, TypeError, r"'cache_salt' must be a string"),
+    ],
+)
+def test_bad_prompt_dict(llm: LLM, prompt: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        llm.generate(["hello", prompt], GREEDY, use_tqdm=False)  # type: ignore[list-item]
+    assert_clean(llm)
+
+
 def test_per_prompt_sampling_params(llm: LLM) -> None:
     prompts = ["a = 1", "import os", "class C:"]
     params = [
