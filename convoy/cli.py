@@ -4,81 +4,25 @@ so the CLI and the Python API cannot drift apart."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
-import types
-import typing
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Sequence
 from typing import Any
 
-from convoy.config import CONFIG_CLASSES, ServerConfig
+from convoy.bench.cli import run_bench
+from convoy.bench.parser import add_bench_parser
+from convoy.cli_args import add_dataclass_arguments, pick_fields
+from convoy.config import CONFIG_CLASSES, EngineConfig, ServerConfig
+from convoy.entrypoints.llm import LLM
 from convoy.sampling_params import SamplingParams
+
+__all__ = ["add_dataclass_arguments", "build_parser", "main", "pick_fields"]
 
 # Sampling fields a command line can't express well.
 _SKIP_SAMPLING = {"logit_bias"}
 # Sampling fields whose flag would clash with an engine flag (the engine's --seed).
 _RENAME_SAMPLING = {"seed": "sampling_seed"}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(the non-None type of an annotation, whether None is allowed)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def add_dataclass_arguments(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    cls: type,
-    skip: Set[str] = frozenset(),
-    rename: Mapping[str, str] | None = None,
-) -> None:
-    """One flag per field, typed and documented from the field's annotation and ``help``.
-
-    ``rename`` gives a field another flag (and namespace) name; :func:`pick_fields` maps it back.
-    """
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp, _ = _base_type(hints[f.name])
-        default = (
-            f.default if f.default is not dataclasses.MISSING else None
-        )  # list fields default to [] via default_factory; None means "unset" here
-        help_text = f.metadata.get("help", "")
-        if default not in (None, [], {}):
-            help_text += f" (default: {default})"
-        dest = (rename or {}).get(f.name, f.name)
-        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
-        flag = _flag(dest)
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif typing.get_origin(tp) is list:
-            (item,) = typing.get_args(tp)
-            parser.add_argument(flag, type=item, nargs="+", **kwargs)
-        else:
-            parser.add_argument(flag, type=tp, **kwargs)
-
-
-def pick_fields(
-    args: argparse.Namespace, cls: type, rename: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """The parsed values that belong to ``cls``, keyed by field name."""
-    given = vars(args)
-    picked = {}
-    for f in dataclasses.fields(cls):
-        dest = (rename or {}).get(f.name, f.name)
-        if dest in given:
-            picked[f.name] = given[dest]
-    return picked
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,16 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (*CONFIG_CLASSES, ServerConfig):
         add_dataclass_arguments(serve.add_argument_group(cls.__name__), cls)
 
-    # Imported here: convoy.bench.cli imports this module's helpers.
-    from convoy.bench.cli import add_bench_parser
-
     add_bench_parser(sub)
     return parser
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from convoy import LLM
-
     prompts: list[str] = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         print("convoy generate: no prompts given", file=sys.stderr)
@@ -159,7 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from convoy.config import EngineConfig
+    # Imported on use: only `serve` needs the HTTP server stack, slow to import.
     from convoy.server.run import serve
 
     if args.model_positional is not None:
@@ -185,8 +124,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "bench":
-        from convoy.bench.cli import run_bench
-
         return run_bench(args)
     raise AssertionError(f"unhandled command {args.command}")
 

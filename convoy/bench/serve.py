@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 from transformers import AutoTokenizer
 
+from convoy.bench.args import workload_from_args
 from convoy.bench.serve_client import (
     ServeConfig,
     arrival_offsets,
@@ -150,8 +151,6 @@ def _load_tokenizer(args: argparse.Namespace, model: str) -> tuple[str | None, A
 
 
 def _setup(args: argparse.Namespace) -> _Setup:
-    from convoy.bench.cli import workload_from_args
-
     _check_args(args)
     slos = parse_goodput(args.goodput)
     models = get_models(args.base_url, args.api_key, args.request_timeout)
