@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from convoy.bench.metrics import LatencyResult, RequestTiming, compute_latency
 from convoy.bench.throughput import bench_sampling_params, timings_from_outputs
 from convoy.bench.workloads import BenchRequest, random_workload
@@ -75,6 +77,4 @@ def run_latency(
 
 
 def _progress(total: int) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="latency iterations", unit="it", dynamic_ncols=True)

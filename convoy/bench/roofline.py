@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
+if TYPE_CHECKING:
     from convoy.model.arch import ModelArch
 
 __all__ = [
@@ -393,8 +393,6 @@ def schedule_bound(
 
 
 def _sync(device: torch.device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -409,8 +407,6 @@ def measure_memory_bandwidth(
     The tensor is far larger than any CPU cache, so the copy streams from and to DRAM (or
     HBM on a GPU), which is what a decode step's weight reads do.
     """
-    import torch
-
     dev = torch.device(device)
     n = size_mb * 2**20 // 4
     src = torch.ones(n, dtype=torch.float32, device=dev)
@@ -437,10 +433,8 @@ def measure_matmul_flops(
     dtype: a bfloat16 GPU engine is bounded by the bfloat16 peak).
 
     On the CPU in float32 both of torch's GEMM libraries are timed and the faster counts: MKL
-    (``torch.mm``) takes its AVX2 path on AMD CPUs, while oneDNN uses AVX-512 where the CPU has
-    it, ~20 % more on a Zen 4 core. The machine's limit is what its best library reaches."""
-    import torch
-
+    (``torch.mm``) does not take its widest vector path on every CPU, while oneDNN uses
+    AVX-512 where the CPU has it. The machine's limit is what its best library reaches."""
     dev = torch.device(device)
     dt = torch.float32 if dtype is None else dtype
     gen = torch.Generator(device="cpu").manual_seed(0)

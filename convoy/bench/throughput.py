@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from convoy.bench.metrics import RequestTiming, ThroughputResult, compute_throughput
 from convoy.bench.workloads import BenchRequest
+from convoy.engine.profiler import StepProfiler
 from convoy.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -68,11 +69,11 @@ def run_throughput(
 ) -> tuple[ThroughputResult, list[RequestTiming]]:
     """Generate for every request at once and time the run.
 
-        Returns the aggregate result and each request's timing (in workload order). The output
-        lengths are checked against the requested ones: ``result.num_mismatched_outputs`` counts
-        the requests that differ. The prefix cache is emptied before the clock starts (sharing
-    within the run still counts). ``profile``: time every step of the run (not the warm-up) into
-        a fresh ``llm.engine.profiler``.
+    Returns the aggregate result and each request's timing (in workload order). The output
+    lengths are checked against the requested ones: ``result.num_mismatched_outputs`` counts
+    the requests that differ. The prefix cache is emptied before the clock starts (sharing
+    within the run still counts). ``profile``: time every step of the run (not the warm-up)
+    into a fresh ``llm.engine.profiler``.
     """
     if not requests:
         raise ValueError("the workload is empty")
@@ -84,8 +85,6 @@ def run_throughput(
     prompts = [list(r.prompt_token_ids) for r in requests]
     params = [bench_sampling_params(r.output_len, temperature) for r in requests]
     if profile:
-        from convoy.engine.profiler import StepProfiler
-
         llm.engine.profiler = StepProfiler()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
