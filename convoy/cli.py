@@ -26,13 +26,14 @@ _RENAME_SAMPLING = {"seed": "sampling_seed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convoy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="convoy", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser(
         "generate",
         help="generate completions for prompts (offline, batched)",
         description="Generate a completion for each prompt, all batched together.",
+        allow_abbrev=False,
     )
     gen.add_argument("prompts", nargs="*", help="prompts (read one per line from stdin if none)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve the OpenAI-compatible HTTP API",
         description="Serve /v1/completions, /v1/chat/completions and friends over HTTP.",
+        allow_abbrev=False,
     )
     serve.add_argument("model_positional", nargs="?", metavar="MODEL", help="same as --model")
     for cls in (*CONFIG_CLASSES, ServerConfig):

@@ -1,4 +1,4 @@
-"""The ``convoy`` command line's structure: no import cycles.
+"""The ``convoy`` command line's structure: no import cycles, no abbreviated flags.
 
 The import graph is read from the sources (ast), so this needs no import of convoy itself.
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "convoy"
 
@@ -126,3 +128,13 @@ def test_cli_and_bench_have_no_import_cycles() -> None:
 def test_cycle_finder_sees_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_flags_are_never_abbreviated() -> None:
+    from convoy.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "throughput", "--input-len-mi", "8"])
+    args = parser.parse_args(["bench", "throughput", "--input-len", "32", "--output-len", "16"])
+    assert (args.input_len, args.output_len, args.input_len_min) == (32, 16, None)

@@ -1,9 +1,19 @@
-"""What the parsed ``convoy bench`` workload flags mean: the requests they describe.
-Shared by the offline runs (:mod:`convoy.bench.cli`) and ``bench serve``."""
+"""What the parsed ``convoy bench`` flags mean: the workload they describe and where the
+result goes. Shared by the offline runs (:mod:`convoy.bench.cli`) and ``bench serve``.
+
+vLLM's flag names mean what they mean in ``vllm bench``: ``--input-len L`` with
+``--random-range-ratio r`` draws prompt lengths uniformly from the integers in
+``[floor(L * (1 - r)), ceil(L * (1 + r))]``, and ``--output-len`` output lengths likewise (at
+least 1). Unlike vLLM no special tokens are subtracted: convoy sends the token ids as they
+are, so a prompt has exactly the drawn length.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import time
+from pathlib import Path
 from typing import Any
 
 from convoy.bench.workloads import (
@@ -13,8 +23,11 @@ from convoy.bench.workloads import (
     shared_prefix_workload,
 )
 
-__all__ = ["token_space", "workload_from_args"]
+__all__ = ["result_path", "token_space", "vllm_length_range", "workload_from_args"]
 
+# Defaults of convoy's own random-workload flags (--input-len-min ...).
+DEFAULT_INPUT_LEN_RANGE = (64, 256)
+DEFAULT_OUTPUT_LEN_RANGE = (32, 128)
 # Output length of a shared-prefix workload without --output-len.
 DEFAULT_SHARED_PREFIX_OUTPUT_LEN = 64
 
@@ -34,9 +47,47 @@ def token_space(tok: Any, model_vocab_size: int | None) -> tuple[int, list[int]]
     return vocab, sorted(int(i) for i in special)
 
 
+def vllm_length_range(length: int, ratio: float, minimum: int = 0) -> tuple[int, int]:
+    """vLLM's random-dataset bounds around ``length``: ``[floor(length * (1 - ratio)),
+    ceil(length * (1 + ratio))]``, both raised to at least ``minimum``."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {ratio}")
+    lo = math.floor(length * (1.0 - ratio))
+    hi = math.ceil(length * (1.0 + ratio))
+    return max(lo, minimum), max(hi, minimum)
+
+
+def _length_range(args: argparse.Namespace, kind: str, default: tuple[int, int]) -> tuple[int, int]:
+    """The random workload's ``kind`` ("input" or "output") length range: from vLLM's
+    ``--{kind}-len`` and ``--random-range-ratio``, or convoy's ``--{kind}-len-min/max``."""
+    length = getattr(args, f"{kind}_len")
+    lo = getattr(args, f"{kind}_len_min")
+    hi = getattr(args, f"{kind}_len_max")
+    if length is None:
+        return (default[0] if lo is None else lo, default[1] if hi is None else hi)
+    if lo is not None or hi is not None:
+        raise ValueError(f"give --{kind}-len or --{kind}-len-min/--{kind}-len-max, not both")
+    # vLLM keeps outputs at one token or more; a prompt range reaching 0 is an error below.
+    return vllm_length_range(length, args.random_range_ratio, 1 if kind == "output" else 0)
+
+
+def _check_range_ratio(args: argparse.Namespace) -> None:
+    if args.random_range_ratio == 0.0:
+        return
+    if args.dataset != "random" or (args.input_len is None and args.output_len is None):
+        raise ValueError(
+            "--random-range-ratio applies to --input-len and --output-len of --dataset random"
+        )
+
+
 def _random(args: argparse.Namespace, common: dict[str, Any]) -> Workload:
-    input_range = (args.input_len_min, args.input_len_max)
-    output_range = (args.output_len_min, args.output_len_max)
+    input_range = _length_range(args, "input", DEFAULT_INPUT_LEN_RANGE)
+    output_range = _length_range(args, "output", DEFAULT_OUTPUT_LEN_RANGE)
+    if input_range[0] < 1:
+        raise ValueError(
+            f"prompt lengths {list(input_range)} include 0 tokens: raise --input-len or "
+            "lower --random-range-ratio"
+        )
     spec: dict[str, Any] = {
         "dataset": "random",
         "num_prompts": args.num_prompts,
@@ -100,6 +151,7 @@ def workload_from_args(
     ``tokenizer`` (a Hugging Face tokenizer) gives the token space of random prompts and
     encodes JSONL text prompts; it may be ``None`` only for a JSONL file of token ids.
     """
+    _check_range_ratio(args)
     vocab: int = 0
     avoid: list[int] = []
     if tokenizer is None:
@@ -117,3 +169,20 @@ def workload_from_args(
     if not requests:
         raise ValueError("the workload has no requests")
     return requests, spec
+
+
+def result_path(args: argparse.Namespace) -> Path | None:
+    """Where the JSON result goes: ``--json`` (vLLM's ``--output-json``), or with vLLM's
+    ``--save-result`` ``--result-dir`` / ``--result-filename`` (by default
+    ``convoy-COMMAND-TIME.json`` in the working directory); ``None`` for nowhere."""
+    named = args.result_filename is not None or args.result_dir is not None
+    if args.json is not None:
+        if named:
+            raise ValueError("give --json or --result-dir/--result-filename, not both")
+        path: Path = args.json
+        return path
+    if not (args.save_result or named):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = args.result_filename or f"convoy-{args.bench_command}-{stamp}.json"
+    return Path(args.result_dir or ".") / name

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import convoy
-from convoy.bench.args import token_space, workload_from_args
+from convoy.bench.args import result_path, token_space, workload_from_args
 from convoy.bench.latency import run_latency
 from convoy.bench.memory import memory_report
 from convoy.bench.metrics import RequestTiming, e2e_latency, tpot, ttft
@@ -43,6 +43,12 @@ REPORT_VERSION = 1
 def run_bench(args: argparse.Namespace) -> int:
     """Run the parsed ``convoy bench`` command; returns the exit status."""
     name = f"convoy bench {args.bench_command}"
+    try:
+        # Decided once here: --json, or vLLM's --save-result and its file name flags.
+        args.json = result_path(args)
+    except ValueError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
     if args.bench_command == "serve":
         return run_serve(args, name)
     engine_kwargs: dict[str, Any] = {}

@@ -1,5 +1,11 @@
-"""The flags of ``convoy bench throughput``, ``latency`` and ``serve``; what they mean is
-:mod:`convoy.bench.args`."""
+"""The flags of ``convoy bench throughput``, ``latency`` and ``serve``.
+
+Beside convoy's own flags, the ones ``vllm bench`` uses for the same thing are accepted
+(``--input-len``, ``--random-range-ratio``, ``--dataset-name``, ``--save-result`` ...), so a
+command line written for vLLM runs here too; :mod:`convoy.bench.args` gives them vLLM's
+meaning. No parser abbreviates flags: ``--input-len`` must never be read as a prefix of
+``--input-len-min``.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ from convoy.config import CONFIG_CLASSES
 
 __all__ = ["DATASETS", "add_bench_parser"]
 
-# The workloads --dataset names.
+# The workloads --dataset names; vLLM's "custom" (a JSONL file of prompts) is convoy's jsonl.
 DATASETS = ("random", "shared-prefix", "jsonl")
+_DATASET_ALIASES = {"custom": "jsonl"}
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -25,6 +32,7 @@ def add_bench_parser(sub: Any) -> None:
         "bench",
         help="measure throughput and latency",
         description="Benchmark the engine on synthetic or given workloads.",
+        allow_abbrev=False,
     )
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     _add_throughput_parser(kinds)
@@ -38,6 +46,7 @@ def _add_throughput_parser(kinds: Any) -> None:
         help="offline throughput of a whole workload",
         description="Submit every request of a workload at once and time the run. Output "
         "lengths are exact: EOS is ignored.",
+        allow_abbrev=False,
     )
     _add_workload_args(tp)
     tp.add_argument(
@@ -62,13 +71,21 @@ def _add_latency_parser(kinds: Any) -> None:
         help="prefill and decode speed of one fixed batch",
         description="Run a batch of equal random prompts several times; report median "
         "prefill tokens/s and decode tokens/s.",
+        allow_abbrev=False,
     )
     g = lat.add_argument_group("batch")
     g.add_argument("--input-len", type=int, required=True, help="prompt tokens per request")
     g.add_argument("--output-len", type=int, required=True, help="output tokens per request")
     g.add_argument("--batch-size", type=int, required=True, help="requests in the batch")
     g.add_argument("--num-iters", type=int, default=3, help="timed iterations (median reported)")
-    g.add_argument("--num-warmup", type=int, default=1, help="untimed iterations first")
+    g.add_argument(
+        "--num-warmup",
+        "--num-iters-warmup",
+        dest="num_warmup",
+        type=int,
+        default=1,
+        help="untimed iterations first (default: 1)",
+    )
     g.add_argument("--dataset-seed", type=int, default=0, help="seed of the random prompts")
     _add_engine_run_args(lat)
 
@@ -82,6 +99,7 @@ def _add_serve_parser(kinds: Any) -> None:
         "process; report TTFT, TPOT, ITL, end-to-end latency, throughput and goodput. "
         "Requests carry ignore_eos, which not every server honours, so the report counts "
         "the tokens each request really got.",
+        allow_abbrev=False,
     )
     _add_server_args(sv.add_argument_group("server"))
     _add_arrival_args(sv.add_argument_group("arrivals"))
@@ -162,33 +180,78 @@ def _add_arrival_args(a: argparse._ArgumentGroup) -> None:
     a.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
 
 
+def _dataset(name: str) -> str:
+    return _DATASET_ALIASES.get(name, name)
+
+
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     """The workload flags ``throughput`` and ``serve`` share."""
     w = parser.add_argument_group("workload")
-    w.add_argument("--dataset", choices=DATASETS, default="random", help="workload")
+    w.add_argument(
+        "--dataset",
+        "--dataset-name",
+        dest="dataset",
+        type=_dataset,
+        choices=DATASETS,
+        default="random",
+        metavar="NAME",
+        help="workload: random (default), shared-prefix or jsonl (vLLM's custom)",
+    )
     w.add_argument("--num-prompts", type=int, default=64, help="requests (random, shared-prefix)")
-    w.add_argument("--input-len-min", type=int, default=64, help="random: shortest prompt")
-    w.add_argument("--input-len-max", type=int, default=256, help="random: longest prompt")
-    w.add_argument("--output-len-min", type=int, default=32, help="random: shortest output")
-    w.add_argument("--output-len-max", type=int, default=128, help="random: longest output")
+    w.add_argument(
+        "--input-len",
+        "--random-input-len",
+        dest="input_len",
+        type=int,
+        help="random: prompt length, varied by --random-range-ratio (vLLM's meaning)",
+    )
+    w.add_argument("--input-len-min", type=int, help="random: shortest prompt (default: 64)")
+    w.add_argument("--input-len-max", type=int, help="random: longest prompt (default: 256)")
+    w.add_argument(
+        "--output-len",
+        "--random-output-len",
+        dest="output_len",
+        type=int,
+        help="random: as --input-len, for outputs; shared-prefix: output length (default: "
+        "64); jsonl: for lines without output_len",
+    )
+    w.add_argument("--output-len-min", type=int, help="random: shortest output (default: 32)")
+    w.add_argument("--output-len-max", type=int, help="random: longest output (default: 128)")
+    w.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="random: r in [0, 1); lengths are uniform in [L*(1-r), L*(1+r)] around "
+        "--input-len and --output-len (default: 0, exact lengths)",
+    )
     w.add_argument(
         "--num-groups", type=int, default=4, help="shared-prefix: groups (num-prompts split evenly)"
     )
     w.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: shared tokens")
     w.add_argument("--suffix-len", type=int, default=32, help="shared-prefix: own tokens")
-    w.add_argument(
-        "--output-len",
-        type=int,
-        default=None,
-        help="shared-prefix: output length (default 64); jsonl: for lines without output_len",
-    )
     w.add_argument("--dataset-path", type=Path, help="jsonl: file of prompts")
     w.add_argument("--dataset-seed", type=int, default=0, help="seed of the random workloads")
     w.add_argument("--save-workload", type=Path, help="write the workload's token ids here (JSONL)")
 
 
 def _add_result_args(o: argparse._ArgumentGroup) -> None:
-    o.add_argument("--json", type=Path, metavar="OUT", help="write the full result here")
+    """Where the JSON result goes: convoy's ``--json`` or vLLM's names for it."""
+    o.add_argument(
+        "--json",
+        "--output-json",
+        dest="json",
+        type=Path,
+        metavar="OUT",
+        help="write the full result here",
+    )
+    o.add_argument(
+        "--save-result",
+        action="store_true",
+        help="write the full result to --result-dir/--result-filename "
+        "(default: ./convoy-COMMAND-TIME.json)",
+    )
+    o.add_argument("--result-dir", type=Path, help="directory of --save-result (default: .)")
+    o.add_argument("--result-filename", help="file name of --save-result (implies it)")
 
 
 def _add_engine_run_args(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from convoy.bench import roofline
+from convoy.bench.args import result_path, vllm_length_range, workload_from_args
 from convoy.bench.metrics import (
     RequestTiming,
     ThroughputResult,
@@ -36,7 +37,7 @@ from convoy.bench.workloads import (
     shared_prefix_workload,
 )
 from convoy.checkpoints import LLAMA_25M, LLAMA_200M
-from convoy.cli import main
+from convoy.cli import build_parser, main
 
 # -- metrics -----------------------------------------------------------------------------------
 
@@ -316,6 +317,90 @@ def test_jsonl_workload(tmp_path: Path, tokenizer_dir: Path) -> None:
         jsonl_workload(path, tok, 2)
 
 
+# -- vLLM's flag names -------------------------------------------------------------------------
+
+
+def test_vllm_length_range_by_hand() -> None:
+    assert vllm_length_range(10, 0.0) == (10, 10)
+    # floor(100 * 0.75) = 75, ceil(100 * 1.25) = 125.
+    assert vllm_length_range(100, 0.25) == (75, 125)
+    # floor(10 * 0.75) = floor(7.5) = 7, ceil(12.5) = 13.
+    assert vllm_length_range(10, 0.25) == (7, 13)
+    # floor(0.5) = 0 is raised to the minimum, as vLLM keeps outputs at 1 token or more.
+    assert vllm_length_range(1, 0.5, minimum=1) == (1, 2)
+    for ratio in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="range-ratio"):
+            vllm_length_range(10, ratio)
+
+
+def _parse(command: str, *paths: str) -> Any:
+    """Parse ``convoy bench <command> <paths>``; ``command`` is split on spaces, paths are not."""
+    return build_parser().parse_args(["bench", *command.split(), *paths])
+
+
+def _same_workload(vllm: str, convoy: str, tok: Any) -> None:
+    """Both command lines give the same requests and the same recipe."""
+    assert workload_from_args(_parse(vllm), tok, None) == workload_from_args(
+        _parse(convoy), tok, None
+    )
+
+
+@pytest.mark.parametrize("kind", ["throughput", "serve --base-url http://127.0.0.1:1"])
+def test_vllm_flags_give_convoys_workload(kind: str, tokenizer_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    _same_workload(
+        f"{kind} --input-len 32 --output-len 16 --num-prompts 8 --dataset-name random",
+        f"{kind} --input-len-min 32 --input-len-max 32 --output-len-min 16 --output-len-max 16"
+        " --num-prompts 8 --dataset random",
+        tok,
+    )
+    # Range ratio 0.25: prompts in [75, 125], outputs in [7, 13] (worked out above).
+    _same_workload(
+        f"{kind} --random-input-len 100 --random-output-len 10 --random-range-ratio 0.25",
+        f"{kind} --input-len-min 75 --input-len-max 125 --output-len-min 7 --output-len-max 13",
+        tok,
+    )
+    requests, spec = workload_from_args(_parse(f"{kind} --input-len 32 --num-prompts 3"), tok, None)
+    assert [r.input_len for r in requests] == [32, 32, 32]
+    assert spec["output_len_range"] == [32, 128]  # convoy's default where no length is given
+    assert _parse(f"{kind} --dataset-name custom").dataset == "jsonl"
+
+    bad = [
+        "--input-len 8 --input-len-min 4",  # both ways of giving one length
+        "--input-len 8 --random-range-ratio 1.0",  # vLLM requires r < 1
+        "--input-len-min 4 --random-range-ratio 0.5",  # the ratio needs --input-len
+        "--dataset shared-prefix --output-len 4 --random-range-ratio 0.5",
+        "--input-len 1 --random-range-ratio 0.5",  # floor(0.5) = 0-token prompts
+    ]
+    for flags in bad:
+        with pytest.raises(ValueError):
+            workload_from_args(_parse(f"{kind} {flags}"), tok, None)
+
+
+def test_vllm_run_and_result_flags(tmp_path: Path) -> None:
+    serve = _parse(
+        "serve --base-url http://127.0.0.1:1 --num-prompts 8 --max-concurrency 2"
+        " --request-rate 4 --save-result --result-filename r.json"
+    )
+    assert (serve.num_prompts, serve.max_concurrency, serve.request_rate) == (8, 2, 4.0)
+    assert result_path(serve) == Path("r.json")
+    latency = _parse(
+        "latency --input-len 8 --output-len 4 --batch-size 2 --num-iters-warmup 3 --output-json",
+        str(tmp_path / "lat.json"),
+    )
+    assert latency.num_warmup == 3 and result_path(latency) == tmp_path / "lat.json"
+    assert result_path(_parse("throughput")) is None
+    named = _parse("throughput --result-filename tp.json --result-dir", str(tmp_path))
+    assert result_path(named) == tmp_path / "tp.json"  # a file name implies --save-result
+    default = result_path(_parse("throughput --save-result"))
+    assert default is not None and default.parent == Path(".")
+    assert default.name.startswith("convoy-throughput-") and default.suffix == ".json"
+    with pytest.raises(ValueError, match="not both"):
+        result_path(_parse("throughput --json a.json --result-filename b.json"))
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 
@@ -379,6 +464,21 @@ def test_cli_throughput_end_to_end(
     assert roof["model_shape"]["num_layers"] == 2
     assert roof["bound"]["num_steps"] >= max(r.output_len for r in rebuilt)
     assert 0 < roof["achieved_fraction"] < 1  # nothing beats the roofline
+
+
+def test_cli_throughput_with_vllm_flags(
+    make_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    model = str(make_checkpoint("llama"))
+    argv = "bench throughput --input-len 32 --output-len 16 --num-prompts 8 --num-kv-blocks 64"
+    rc = main([*argv.split(), "--model", model, "--save-result", "--result-dir", str(tmp_path)])
+    assert rc == 0
+    (out,) = tmp_path.glob("convoy-throughput-*.json")
+    report = json.loads(out.read_text())
+    spec, result = report["workload"], report["result"]
+    assert (spec["input_len_range"], spec["output_len_range"]) == ([32, 32], [16, 16])
+    assert (result["num_requests"], result["num_input_tokens"]) == (8, 8 * 32)
+    assert result["num_output_tokens"] == 8 * 16 and result["output_lengths_exact"] is True
 
 
 def test_cli_shared_prefix_and_jsonl(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
