@@ -7,9 +7,10 @@
 #
 # LLAMA_CPP_SRC: vendor/llama.cpp of llama-cpp-python's sdist (default: the one compare.py
 # unpacked under bench-results/models/llama-cpp-sdist; get it with `pip download --no-binary
-# :all: --no-deps llama-cpp-python` and untar). BUILD_DIR: default /work/llamacpp-build; the
-# binaries land in BUILD_DIR/bin (compare.py --llamacpp-tools-dir). Needs cmake and a C++
-# compiler; ~15 min on 2 cores. The output ends with rc=N.
+# :all: --no-deps llama-cpp-python` and untar). BUILD_DIR: default $CONVOY_LLAMACPP_BUILD_DIR,
+# else bench-results/peers/llamacpp-build under the repository; the binaries land in
+# BUILD_DIR/bin, compare.py's default --llamacpp-tools-dir (CONVOY_LLAMACPP_TOOLS_DIR points it
+# elsewhere). Needs cmake and a C++ compiler. The output ends with rc=N.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -17,7 +18,7 @@ src="${1:-}"
 if [ -z "$src" ]; then
     src="$(ls -d "$repo"/bench-results/models/llama-cpp-sdist/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | sort | tail -1)"
 fi
-build="${2:-/work/llamacpp-build}"
+build="${2:-${CONVOY_LLAMACPP_BUILD_DIR:-$repo/bench-results/peers/llamacpp-build}}"
 if [ -z "$src" ] || [ ! -f "$src/CMakeLists.txt" ]; then
     echo "no llama.cpp source: pass vendor/llama.cpp of llama-cpp-python's sdist" >&2
     echo "rc=2"

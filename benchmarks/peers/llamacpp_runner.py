@@ -2,7 +2,7 @@
 
 Runs in llama-cpp-python's own virtual environment (it needs nothing from convoy)::
 
-    /work/peer-llamacpp/bin/python benchmarks/peers/llamacpp_runner.py IN.json OUT.json
+    "$CONVOY_LLAMACPP_PYTHON" benchmarks/peers/llamacpp_runner.py IN.json OUT.json
 
 ``IN.json``: ``{"model": "x.gguf", "requests": [{"prompt_token_ids": [...], "output_len": N},
 ...], "n_threads": 2, "n_batch": 512, "n_ubatch": 512, "n_parallel": 64, "mode": "batched",

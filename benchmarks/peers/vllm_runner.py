@@ -4,7 +4,7 @@ Runs in vLLM's own environment, same protocol as ``llamacpp_runner.py``::
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=4 \\
     VLLM_ENABLE_V1_MULTIPROCESSING=0 \\
-        /work/peer-vllm/bin/python benchmarks/peers/vllm_runner.py IN.json OUT.json
+        "$CONVOY_VLLM_PYTHON" benchmarks/peers/vllm_runner.py IN.json OUT.json
 
 ``IN.json``: ``{"model": DIR, "requests": [...], "max_num_seqs": N, "dtype": "float32",
 "max_num_batched_tokens": T (optional), "return_tokens": false}``. All requests are
@@ -14,12 +14,12 @@ Prefix caching is off: every engine prefills every prompt. The engine is built a
 (a 2-token request) before the clock starts, as convoy's timed run excludes its own.
 
 ``benchmarks/compare.py`` sets the environment above: the CPU worker's OpenMP threads bound
-to both cores with none reserved, the KV cache size in GiB, and the engine core in this
-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no second process competing for the cores).
+to the first ``--threads`` cores with none reserved, the KV cache size in GiB, and the engine
+core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no second process competing for
+the cores).
 Checked with vllm-cpu 0.32.0 (torch 2.13.0+cpu) on the 25m random checkpoint: exact output
 lengths, and the same greedy first tokens as llama.cpp's f32 GGUF of it. Building the engine
-takes ~1 min on 2 cores (torch.compile, cached under ``~/.cache/vllm`` after the first run),
-outside the timed part.
+(torch.compile, cached under ``~/.cache/vllm`` after the first run) is outside the timed part.
 """
 
 from __future__ import annotations
