@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint
+.PHONY: setup run test test-install lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,8 +21,13 @@ lint: setup
 	$(BIN)/ruff format --check
 	$(BIN)/mypy
 
+# convoy installed as a user gets it (a wheel in a clean venv, not editable) imports from
+# site-packages and compiles its CPU kernels there; see scripts/check_install.sh.
+test-install: setup
+	VENV_PYTHON=$(BIN)/python scripts/check_install.sh
+
 # The suite checks the CPU paths (float32, convoy's kernels), so GPUs are hidden from it;
 # tests/test_cuda.py then checks the CUDA path where a GPU is present (it skips elsewhere).
-test: lint
+test: lint test-install
 	CUDA_VISIBLE_DEVICES= $(BIN)/pytest -q
 	$(BIN)/pytest -q tests/test_cuda.py
