@@ -21,6 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from convoy import LLM, RequestOutput, SamplingParams
+from convoy.model import cpu_kernels
+from convoy.model.attention import CpuKernelAttention
 from tests.conftest import ARCH_CASES, TOKENIZER_VOCAB
 
 NEW_TOKENS = 32
@@ -130,14 +132,15 @@ def count_output_row_steps(llm: LLM) -> dict[str, int]:
     return seen
 
 
-def torch_ops_only(llm: LLM) -> None:
-    """Take convoy's fused norm/rotary/activation kernels and argmax off a CPU model, so it
-    runs the torch ops a CUDA or bfloat16 model runs (no engine option selects them)."""
-    runner = llm.engine.runner
-    runner.sampler.kernel = None
-    for module in runner.model.modules():
-        if hasattr(module, "kernel"):
-            module.kernel = None
+def torch_ops_only(path: Path, **kwargs: Any) -> LLM:
+    """A CPU model built without convoy's fused norm/rotary/activation kernels and argmax, so
+    it runs the torch ops a CUDA or bfloat16 model runs (no engine option selects them: the
+    kernels are chosen once, when the model is built)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernels, "load", lambda: None)
+        llm = LLM(model=str(path), **kwargs)
+    assert set(llm.engine.runner.backends().values()) <= {"torch", "none"}
+    return llm
 
 
 @pytest.mark.parametrize("case", sorted(ARCH_CASES))
@@ -151,12 +154,12 @@ def test_greedy_matches_transformers(case: str, make_checkpoint: Callable[..., P
     check_against(one_by_one, refs, "one at a time")
 
     for mode, kwargs in MODES.items():
-        llm = LLM(model=str(path), max_model_len=512, **kwargs)
         if mode == "torch ops only":
-            torch_ops_only(llm)
+            llm = torch_ops_only(path, max_model_len=512, **kwargs)
         else:
+            llm = LLM(model=str(path), max_model_len=512, **kwargs)
             # convoy's paged attention kernels (decode and prompt chunks) are what ran.
-            assert llm.engine.runner.attention_kernels is not None
+            assert isinstance(llm.engine.runner.ops.attention, CpuKernelAttention)
         poison_kv_cache(llm)
         outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
         check_against(outputs, refs, mode)

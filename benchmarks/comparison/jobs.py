@@ -25,11 +25,7 @@ from benchmarks.comparison.results import Cell, EngineError
 from benchmarks.comparison.workloads import SHARED_PREFIX, Workloads
 from convoy.bench import roofline
 from convoy.bench.workloads import BenchRequest
-
-try:  # where convoy keeps it since its linear layers got their own module
-    from convoy.model.linear import SKINNY_MAX_ROWS
-except ImportError:  # pragma: no cover - checkouts before that move
-    from convoy.model.layers import SKINNY_MAX_ROWS  # type: ignore[attr-defined,no-redef]
+from convoy.model.linear import SKINNY_MAX_ROWS
 
 UNLIMITED_TOKENS = 10**9
 # convoy with greedy_screening=False: the whole head in float32 for greedy rows too.

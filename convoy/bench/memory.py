@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from convoy.model.layers import Linear
+from convoy.model.linear import Linear
 
 if TYPE_CHECKING:
     from convoy.entrypoints.llm import LLM

@@ -19,6 +19,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from convoy.checkpoints import default_model_path
 from convoy.config import EngineConfig
 from convoy.engine.detokenizer import IncrementalDetokenizer
 from convoy.engine.kv_cache_manager import KVCacheManager
@@ -28,16 +29,11 @@ from convoy.engine.request import FinishReason, Request, RequestMetrics
 from convoy.engine.scheduler import Scheduler, SchedulerOutput
 from convoy.model.arch import ModelArch
 from convoy.model.loader import read_config, resolve_model_path
-from convoy.model.runner import (
-    ModelOutput,
-    ModelRunner,
-    TokenLogprobs,
-    num_kv_blocks_for,
-    resolve_device,
-    resolve_dtype,
-)
 from convoy.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from convoy.sampling_params import InvalidParamError, SamplingParams
+from convoy.worker.device import num_kv_blocks_for, resolve_device, resolve_dtype
+from convoy.worker.runner import ModelRunner
+from convoy.worker.step import ModelOutput, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +73,6 @@ class LLMEngine:
         self.config = config
         model_name = config.model.model
         if model_name is None:
-            from convoy.checkpoints import default_model_path
-
             model_path = default_model_path()
         else:
             model_path = resolve_model_path(model_name, config.model.revision)

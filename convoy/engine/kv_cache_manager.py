@@ -9,10 +9,7 @@ import numpy as np
 from convoy.engine.block_pool import BlockPool, BlockPoolError
 from convoy.engine.prefix_cache import extend_block_hashes
 from convoy.engine.request import Request
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from convoy.utils import cdiv
 
 
 class KVCacheManager:

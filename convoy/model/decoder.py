@@ -12,8 +12,12 @@ import torch
 from torch import nn
 
 from convoy.model.arch import ModelArch
-from convoy.model.attention import AttentionMetadata, paged_attention, write_kv
-from convoy.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from convoy.model.attention.base import AttentionMetadata
+from convoy.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from convoy.model.linear import Linear
+from convoy.model.ops import ModelOps
+
+Metadata = AttentionMetadata[Any, Any]
 
 # Checkpoint weight name -> (our fused parameter, which shard of it). The loader uses this.
 PACKED_MODULES: dict[str, tuple[str, str]] = {
@@ -26,11 +30,11 @@ PACKED_MODULES: dict[str, tuple[str, str]] = {
 
 
 class Attention(nn.Module):
-    # convoy's CPU kernels, set by the runner for CPU models: new K/V are written with them.
-    kernel: Any = None
-
-    def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding, ops: ModelOps
+    ) -> None:
         super().__init__()
+        self.backend = ops.attention
         self.num_heads = arch.num_heads
         self.num_kv_heads = arch.num_kv_heads
         self.head_dim = arch.head_dim
@@ -38,10 +42,14 @@ class Attention(nn.Module):
         self.kv_size = arch.num_kv_heads * arch.head_dim
         self.scale = arch.head_dim**-0.5
         self.window = arch.sliding_windows[layer_idx]
-        self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, arch.qkv_bias)
-        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=arch.o_bias)
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        qkv_size = self.q_size + 2 * self.kv_size
+        self.qkv_proj = Linear(arch.hidden_size, qkv_size, arch.qkv_bias, ops.linear)
+        self.o_proj = Linear(self.q_size, arch.hidden_size, arch.o_bias, ops.linear)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, ops.kernels)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, ops.kernels)
         self.rotary = rotary
 
     def shard_sizes(self) -> dict[str, tuple[int, int]]:
@@ -57,7 +65,7 @@ class Attention(nn.Module):
         positions: torch.Tensor,  # (T,)
         x: torch.Tensor,  # (T, C)
         kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
+        meta: Metadata,
         output_layer: bool = False,
     ) -> torch.Tensor:
         """``output_layer``: the model's last layer, whose queries are needed only for
@@ -71,25 +79,32 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before rotary
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping, self.kernel)
+        self.backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if output_layer and meta.output_rows is not None and meta.output_meta is not None:
             q, meta = q.index_select(0, meta.output_rows), meta.output_meta
             t = q.shape[0]
             if t == 0:
                 return x.new_empty((0, x.shape[1]))
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window)  # (T, H, D)
+        o = self.backend.forward(q, k_cache, v_cache, meta, self.scale, self.window)  # (T, H, D)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, arch: ModelArch, layer_idx: int, rotary: RotaryEmbedding, ops: ModelOps
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(arch, layer_idx, rotary)
+        self.self_attn = Attention(arch, layer_idx, rotary, ops)
         self.mlp = GatedMLP(
-            arch.hidden_size, arch.intermediate_size, arch.hidden_act, arch.mlp_bias
+            arch.hidden_size,
+            arch.intermediate_size,
+            arch.hidden_act,
+            arch.mlp_bias,
+            ops.linear,
+            ops.kernels,
         )
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops.kernels)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops.kernels)
 
     def forward(
         self,
@@ -97,7 +112,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
+        meta: Metadata,
         output_layer: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` is the previous layer's MLP output, not yet added to the residual stream
@@ -122,20 +137,24 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+    def __init__(self, arch: ModelArch, max_positions: int, ops: ModelOps) -> None:
         super().__init__()
-        rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
+        rotary = RotaryEmbedding(
+            arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions, ops.kernels
+        )
         self.rotary = rotary  # one table, shared by every layer
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, rotary) for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, i, rotary, ops) for i in range(arch.num_layers)
+        )
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops.kernels)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
+        meta: Metadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (T, C)
         residual = None
@@ -152,11 +171,11 @@ class DecoderForCausalLM(nn.Module):
     that is set); ``compute_logits`` projects the rows that need them, so a prompt chunk pays
     for the vocabulary projection only once."""
 
-    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+    def __init__(self, arch: ModelArch, max_positions: int, ops: ModelOps) -> None:
         super().__init__()
         self.arch = arch
-        self.model = DecoderModel(arch, max_positions)
-        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.model = DecoderModel(arch, max_positions, ops)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, False, ops.linear)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -165,7 +184,7 @@ class DecoderForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
+        meta: Metadata,
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from convoy.model.layers import ONEDNN_PACK_ROWS, onednn_available
+from convoy.model.linear import ONEDNN_PACK_ROWS, onednn_available
 
 # More tokens than this within reach of the top and the row is computed in full instead
 # (each costs a C-float dot product from a weight row not in cache).

@@ -8,10 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
 from safetensors import safe_open
 
 from convoy.model.arch import ModelArch
 from convoy.model.decoder import PACKED_MODULES, Attention, DecoderForCausalLM
+from convoy.model.linear import Linear
+from convoy.model.ops import ModelOps
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +35,6 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"model path {model!r} is a file; expected a checkpoint directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
     try:
         return Path(snapshot_download(model, revision=revision, allow_patterns=_HUB_PATTERNS))
     except HFValidationError as e:
@@ -79,14 +80,23 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def load_model(
-    path: Path, arch: ModelArch, max_positions: int, device: torch.device, dtype: torch.dtype
+    path: Path,
+    arch: ModelArch,
+    max_positions: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    ops: ModelOps,
+    keep_plain_head: bool = False,
 ) -> DecoderForCausalLM:
-    """Build the model without initialising it, then fill every parameter from the checkpoint.
+    """Build the model without initialising it, fill every parameter from the checkpoint,
+    then let each linear layer's method process its weight (pack, quantize).
 
-    Fails if a weight the model needs is missing or a checkpoint tensor has no place to go.
+    ``keep_plain_head``: the head keeps its plain weight beside whatever its method makes of
+    it (the greedy screen reads it). Fails if a weight the model needs is missing or a
+    checkpoint tensor has no place to go.
     """
     with torch.device("meta"):
-        model = DecoderForCausalLM(arch, max_positions)
+        model = DecoderForCausalLM(arch, max_positions, ops)
     model = model.to_empty(device=device).to(dtype)
     # to_empty makes new Parameters, which breaks the tie set up in __init__; restore it.
     if arch.tie_word_embeddings:
@@ -116,7 +126,25 @@ def load_model(
     missing = sorted(_expected_checkpoint_names(model, arch) - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks weights: {missing[:8]}")
+    _process_linear_weights(model, keep_plain_head)
     return model.eval()
+
+
+def _process_linear_weights(model: DecoderForCausalLM, keep_plain_head: bool) -> None:
+    # A weight another module reads too (a head tied to the embedding table) keeps its plain
+    # layout for that module.
+    shared = {
+        p.data_ptr()
+        for m in model.modules()
+        if not isinstance(m, Linear)
+        for p in m.parameters(recurse=False)
+    }
+    for module in model.modules():
+        if isinstance(module, Linear):
+            keep_plain = module.weight.data_ptr() in shared or (
+                keep_plain_head and module is model.lm_head
+            )
+            module.method.process_weights_after_loading(module, keep_plain)
 
 
 def _place(

@@ -3,17 +3,18 @@
 Each linear layer's weight ``W (N, K)`` becomes int8 values and one float scale per output
 row: ``scale_n = max_k |W[n, k]| / 127``, ``Wq = round(W / scale)``, symmetric, like llama.cpp's
 q8_0 but per row instead of per 32 values. Activations stay float32; the product runs in
-torch's int8-weight kernel (``aten._weight_int8pack_mm``), which reads a quarter of the bytes.
-The embedding table stays float (it is looked up, not multiplied); a head tied to it gets its
-own int8 copy. This changes outputs slightly: the benchmark reports how much.
+torch's int8-weight kernel (``aten._weight_int8pack_mm``), which reads a quarter of the bytes,
+or, for a few rows, convoy's int8 matrix-vector kernel. The embedding table stays float (it
+is looked up, not multiplied); a head tied to it gets its own int8 copy. This changes outputs
+slightly: ``benchmarks/quantization.py`` reports how much.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from convoy.model.layers import Linear
+from convoy.model.cpu_kernels import CpuKernels
+from convoy.model.linear import SKINNY_MAX_ROWS, Linear, LinearMethod
 
 QUANTIZATIONS = ("int8",)
 
@@ -26,11 +27,27 @@ def quantize_weight_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scale
 
 
-def quantize_model_int8(model: nn.Module) -> int:
-    """Quantize every :class:`Linear` of ``model`` in place; returns how many."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.quantize_int8()
-            count += 1
-    return count
+class Int8Linear(LinearMethod):
+    """Int8 weights with per-row scales; the float weight is dropped after loading.
+    ``skinny``: convoy's int8 matrix-vector kernel for products of a few rows."""
+
+    def __init__(self, skinny: CpuKernels | None) -> None:
+        self.skinny = skinny
+        self.name = "int8+matvec" if skinny is not None else "int8"
+
+    def process_weights_after_loading(self, layer: Linear, keep_plain: bool) -> None:
+        q, scale = quantize_weight_int8(layer.weight)
+        layer.qweight, layer.qscale = q, scale.to(layer.weight.dtype)
+        layer.drop_weight()
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        assert layer.qweight is not None and layer.qscale is not None
+        if self.skinny is not None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS:
+            return self.skinny.skinny_linear_int8(
+                x.contiguous(), layer.qweight, layer.qscale, layer.bias
+            )
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(
+            x.reshape(-1, shape[-1]).contiguous(), layer.qweight, layer.qscale
+        ).reshape(*shape[:-1], -1)
+        return y + layer.bias if layer.bias is not None else y

@@ -15,10 +15,10 @@ its own generator, so its tokens do not depend on which other requests share the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from convoy.model.cpu_kernels import CpuKernels
 from convoy.sampling_params import SamplingParams
 
 
@@ -59,10 +59,12 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
 
 
 class Sampler:
-    # convoy's CPU kernels (set by the runner on the CPU): a vectorized argmax.
-    kernel: Any = None
+    """``kernels``: convoy's CPU kernels, whose vectorized argmax serves greedy rows."""
 
-    def __init__(self, vocab_size: int, device: torch.device, seed: int) -> None:
+    def __init__(
+        self, vocab_size: int, device: torch.device, seed: int, kernels: CpuKernels | None = None
+    ) -> None:
+        self.kernel = kernels
         self.vocab_size = vocab_size
         self.device = device
         self.generator = torch.Generator(device=device)

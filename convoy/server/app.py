@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -287,8 +288,6 @@ def _read_template(value: str | None) -> str | None:
     """``--chat-template`` is either the template itself or a file holding it."""
     if value is None:
         return None
-    from pathlib import Path
-
     path = Path(value)
     if "{" not in value and path.is_file():
         return path.read_text()

@@ -8,6 +8,7 @@ from types import FrameType
 
 import uvicorn
 
+from convoy.checkpoints import DEFAULT_MODEL_NAME
 from convoy.config import EngineConfig, ServerConfig
 from convoy.engine.async_engine import AsyncEngine
 from convoy.engine.engine import LLMEngine
@@ -21,8 +22,6 @@ def served_model_name(engine_config: EngineConfig, server: ServerConfig) -> str:
         return server.served_model_name
     if engine_config.model.model:
         return engine_config.model.model
-    from convoy.checkpoints import DEFAULT_MODEL_NAME
-
     return DEFAULT_MODEL_NAME
 
 

@@ -9,13 +9,22 @@ import torch
 
 from convoy.model import cpu_kernels
 from convoy.model.attention import (
+    AttentionBatch,
     AttentionMetadata,
-    PagedPrefill,
-    PrefillChunk,
-    SharedPrefixDecode,
-    paged_attention,
-    write_kv,
+    CpuKernelAttention,
+    TorchAttention,
 )
+from convoy.model.attention.cpu import PagedPrefill
+from convoy.model.attention.shared_prefix import SharedPrefixDecodes, SharedPrefixGroup
+from convoy.model.attention.torch_ops import GatheredDecode, GatheredPrefill, PrefillChunk
+
+CPU = torch.device("cpu")
+
+
+def _cpu_backend(block_size: int, pad_slot: int) -> CpuKernelAttention:
+    kernel = cpu_kernels.load()
+    assert kernel is not None, cpu_kernels.unavailable_reason()
+    return CpuKernelAttention(block_size, pad_slot, CPU, kernel)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (4, 1)])
@@ -37,26 +46,27 @@ def test_split_softmax_equals_plain_attention(heads: int, kv_heads: int) -> None
         return torch.stack([torch.cat([r, torch.full((width - len(r),), slots)]) for r in rows])
 
     q = torch.randn(4, heads, dim, generator=gen)
-    plain = AttentionMetadata(
+    plain: AttentionMetadata[GatheredDecode, GatheredPrefill] = AttentionMetadata(
         slot_mapping=torch.zeros(4, dtype=torch.long),
         num_decode_tokens=4,
-        decode_slots=padded(contexts),
-        decode_context_lens=lens,
-        prefills=[],
+        decode=GatheredDecode(padded(contexts), lens),
+        prefill=None,
     )
     suffixes = [*own, contexts[3]]
-    split = AttentionMetadata(
+    split: AttentionMetadata[GatheredDecode, GatheredPrefill] = AttentionMetadata(
         slot_mapping=plain.slot_mapping,
         num_decode_tokens=4,
-        decode_slots=plain.decode_slots,
-        decode_context_lens=lens,
-        prefills=[],
-        prefix_groups=[SharedPrefixDecode(0, 3, prefix)],
-        suffix_slots=padded(suffixes),
-        suffix_lens=torch.tensor([len(s) for s in suffixes]),
+        decode=plain.decode,
+        prefill=None,
+        shared_prefix=SharedPrefixDecodes(
+            [SharedPrefixGroup(0, 3, prefix)],
+            padded(suffixes),
+            torch.tensor([len(s) for s in suffixes]),
+        ),
     )
-    want = paged_attention(q, k_cache, v_cache, plain, 0.25, None)
-    got = paged_attention(q, k_cache, v_cache, split, 0.25, None)
+    backend = TorchAttention(1, slots, CPU)
+    want = backend.forward(q, k_cache, v_cache, plain, 0.25, None)
+    got = backend.forward(q, k_cache, v_cache, split, 0.25, None)
     assert lmax == 49
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -74,9 +84,8 @@ def test_paged_kernel_equals_gathered_attention(
     heads: int, kv_heads: int, window: int | None, dim: int, block_size: int
 ) -> None:
     """The kernel reads K/V through scattered block tables of ragged lengths (1 token to
-    several blocks, a partly filled last block) and matches the gather-and-matmul path."""
-    kernel = cpu_kernels.load()
-    assert kernel is not None, cpu_kernels.unavailable_reason()
+    several blocks, a partly filled last block) and matches the gather-and-matmul path, each
+    backend building its metadata from the same batch."""
     gen = torch.Generator().manual_seed(1)
     lens = torch.tensor([1, 4, 5, 13, 30, 2 * block_size + 21])
     need_blocks = [-(-n // block_size) for n in lens.tolist()]
@@ -92,29 +101,29 @@ def test_paged_kernel_equals_gathered_attention(
         tables.append(perm[:need] + [0] * (width - need))
         perm = perm[need:]
     table_t = torch.tensor(tables)
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    starts = (lens - 1).tolist()
+    batch = AttentionBatch(
+        num_decodes=len(lens),
+        query_starts=list(range(len(lens))),
+        query_lens=[1] * len(lens),
+        starts=starts,
+        host_block_tables=tables,
+        block_tables=table_t,
+        start_positions=lens - 1,
+        slot_mapping=torch.zeros(len(lens), dtype=torch.long),
+    )
+    gathered, paged = TorchAttention(block_size, pad, CPU), _cpu_backend(block_size, pad)
+    meta = gathered.build_metadata(batch)
+    assert meta.decode is not None and meta.shared_prefix is None
     pos = torch.arange(int(lens.max()))
     slots = table_t[:, pos // block_size] * block_size + pos % block_size
-    decode_slots = torch.where(pos[None, :] < lens[:, None], slots, pad)
-    q = torch.randn(len(lens), heads, dim, generator=gen)
-    gathered = AttentionMetadata(
-        slot_mapping=torch.zeros(len(lens), dtype=torch.long),
-        num_decode_tokens=len(lens),
-        decode_slots=decode_slots,
-        decode_context_lens=lens,
-        prefills=[],
-    )
-    paged = AttentionMetadata(
-        slot_mapping=gathered.slot_mapping,
-        num_decode_tokens=len(lens),
-        decode_slots=None,
-        decode_context_lens=lens,
-        prefills=[],
-        decode_block_tables=table_t,
-        decode_kernel=kernel,
-        block_size=block_size,
-    )
-    want = paged_attention(q, k_cache, v_cache, gathered, 0.25, window)
-    got = paged_attention(q, k_cache, v_cache, paged, 0.25, window)
+    assert torch.equal(meta.decode.slots, torch.where(pos[None, :] < lens[:, None], slots, pad))
+    # The reference on float64 inputs: in float32 its own rounding is as large as the
+    # kernel's, which sums in another order.
+    want = gathered.forward(q.double(), k_cache.double(), v_cache.double(), meta, 0.25, window)
+    got = paged.forward(q, k_cache, v_cache, paged.build_metadata(batch), 0.25, window)
+    want = want.float()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -140,8 +149,6 @@ def test_paged_prefill_kernel_equals_gathered_attention(
     at a later position (chunked prefill, prefix cache hits), a one-token chunk and one long
     enough to span several items and blocks, their contexts in scattered blocks. The kernel
     matches torch's attention on gathered contexts, and the decode rows are left alone."""
-    kernel = cpu_kernels.load()
-    assert kernel is not None, cpu_kernels.unavailable_reason()
     gen = torch.Generator().manual_seed(2)
     # (position of the first query, queries) per chunk.
     chunks = [(0, 9), (13, 6), (0, 1), (40, 1), (3 * block_size + 5, 70), (0, 37)]
@@ -166,30 +173,20 @@ def test_paged_prefill_kernel_equals_gathered_attention(
     # q as the model has it: a column slice of the qkv projection's output, rows not contiguous.
     qkv = torch.randn(row, heads + 2 * kv_heads, dim, generator=gen)
     q = qkv[:, :heads]
-    gathered = AttentionMetadata(
-        slot_mapping=torch.zeros(row, dtype=torch.long),
-        num_decode_tokens=0,
-        decode_slots=None,
-        decode_context_lens=None,
-        prefills=prefills,
+    slot_mapping = torch.zeros(row, dtype=torch.long)
+    gathered: AttentionMetadata[GatheredDecode, GatheredPrefill] = AttentionMetadata(
+        slot_mapping, 0, decode=None, prefill=GatheredPrefill(prefills)
     )
-    paged = AttentionMetadata(
-        slot_mapping=gathered.slot_mapping,
-        num_decode_tokens=0,
-        decode_slots=None,
-        decode_context_lens=None,
-        prefills=prefills,
-        block_size=block_size,
-        paged_prefill=PagedPrefill(
-            kernel=kernel,
-            block_tables=table_t,
-            query_starts=torch.tensor(q_starts),
-            positions=torch.tensor([start for start, _ in chunks]),
-            num_queries=torch.tensor([n for _, n in chunks]),
-        ),
+    paged_prefill = PagedPrefill(
+        block_tables=table_t,
+        query_starts=torch.tensor(q_starts),
+        positions=torch.tensor([start for start, _ in chunks]),
+        num_queries=torch.tensor([n for _, n in chunks]),
     )
-    want = paged_attention(q, k_cache, v_cache, gathered, 0.25, window)
-    got = paged_attention(q, k_cache, v_cache, paged, 0.25, window)
+    paged = AttentionMetadata(slot_mapping, 0, decode=None, prefill=paged_prefill)
+    pad = num_blocks * block_size
+    want = TorchAttention(block_size, pad, CPU).forward(q, k_cache, v_cache, gathered, 0.25, window)
+    got = _cpu_backend(block_size, pad).forward(q, k_cache, v_cache, paged, 0.25, window)
     torch.testing.assert_close(got[decodes:], want[decodes:], rtol=1e-5, atol=1e-6)
 
 
@@ -225,15 +222,12 @@ def test_whole_prompt_prefill_equals_masked_softmax(window: int | None) -> None:
     v_cache = torch.randn(n + 7, kv_heads, dim, generator=gen)
     slots = torch.randperm(n + 7, generator=gen)[:n]
     q = torch.randn(n, heads, dim, generator=gen)
-    meta = AttentionMetadata(
-        slot_mapping=slots,
-        num_decode_tokens=0,
-        decode_slots=None,
-        decode_context_lens=None,
-        prefills=[PrefillChunk(0, n, slots, torch.arange(n))],
+    prefill = GatheredPrefill([PrefillChunk(0, n, slots, torch.arange(n))])
+    meta: AttentionMetadata[GatheredDecode, GatheredPrefill] = AttentionMetadata(
+        slot_mapping=slots, num_decode_tokens=0, decode=None, prefill=prefill
     )
-    got = paged_attention(q, k_cache, v_cache, meta, 0.25, window)
-    assert (meta.masks(window)[1][0] is None) == (window is None or window >= n)
+    got = TorchAttention(1, n + 6, CPU).forward(q, k_cache, v_cache, meta, 0.25, window)
+    assert (prefill.masks(window)[0] is None) == (window is None or window >= n)
 
     group = heads // kv_heads
     k = k_cache[slots].repeat_interleave(group, dim=1)  # (n, H, D)
@@ -266,8 +260,8 @@ def test_kv_write_kernel_equals_index_copy(tokens: int, dtype: torch.dtype) -> N
     # One layer's (K, V) pair of a (2, S, Hkv, D) cache, as the runner slices it.
     want = torch.randn(2, slots, kv_heads, dim, generator=gen).to(dtype)
     got = want.clone()
-    write_kv(want[0], want[1], k, v, slot_mapping)
-    write_kv(got[0], got[1], k, v, slot_mapping, kernel)
+    TorchAttention(1, slots, CPU).write_kv(want[0], want[1], k, v, slot_mapping)
+    TorchAttention(1, slots, CPU, kv_writer=kernel).write_kv(got[0], got[1], k, v, slot_mapping)
     assert torch.equal(got, want)
     assert torch.equal(got[0, slot_mapping], k)
 

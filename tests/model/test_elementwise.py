@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from convoy.model import cpu_kernels
 from convoy.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from convoy.model.linear import TorchLinear
 
 kernels = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(kernels is None, reason="convoy's CPU kernels did not build")
@@ -19,25 +20,24 @@ pytestmark = pytest.mark.skipif(kernels is None, reason="convoy's CPU kernels di
 @pytest.mark.parametrize("dim", [1024, 20, 3])
 def test_rms_norm_and_fused_residual_add_match_torch(dim: int) -> None:
     torch.manual_seed(0)
-    norm = RMSNorm(dim, 1e-6)
+    norm, fused = RMSNorm(dim, 1e-6), RMSNorm(dim, 1e-6, kernels)
     norm.weight.data.normal_()
+    fused.weight.data.copy_(norm.weight.data)
     # Rows of a wider tensor: the kernel takes any row stride.
     x = torch.randn(37, dim + 5)[:, :dim] * 3
     residual = torch.randn(37, dim)
     with torch.inference_mode():
         want = norm(x)
         want_h, want_r = norm(x, residual)
-        norm.kernel = kernels
-        got = norm(x)
-        got_h, got_r = norm(x.clone(), residual.clone())
+        got = fused(x)
+        got_h, got_r = fused(x.clone(), residual.clone())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_r, want_r, rtol=0, atol=0)  # the add is the same add
     torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_residual_add_updates_both_in_place() -> None:
-    norm = RMSNorm(16, 1e-5)
-    norm.kernel = kernels
+    norm = RMSNorm(16, 1e-5, kernels)
     x, residual = torch.randn(4, 16), torch.randn(4, 16)
     want_r = x + residual
     h, r = norm(x, residual)
@@ -48,7 +48,9 @@ def test_fused_residual_add_updates_both_in_place() -> None:
 @pytest.mark.parametrize("intermediate", [2816, 13])
 def test_silu_and_mul_matches_torch(intermediate: int) -> None:
     torch.manual_seed(0)
-    mlp = GatedMLP(32, intermediate, "silu", bias=False)
+    mlp = GatedMLP(32, intermediate, "silu", False, TorchLinear())
+    fused_mlp = GatedMLP(32, intermediate, "silu", False, TorchLinear(), kernels)
+    fused_mlp.load_state_dict(mlp.state_dict())
     gate_up = torch.randn(50, 2 * intermediate) * 8
     # Arguments out where exp over- or underflows: silu is then x or -0.
     gate_up[0, :8] = torch.tensor([-120.0, -88.5, -87.0, -30.0, 30.0, 88.0, 89.0, 120.0])
@@ -58,9 +60,7 @@ def test_silu_and_mul_matches_torch(intermediate: int) -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
     with torch.inference_mode():
         x = torch.randn(5, 32)
-        mlp.kernel = kernels
-        fused = mlp(x)
-        mlp.kernel = None
+        fused = fused_mlp(x)
         torch.testing.assert_close(fused, mlp(x), rtol=1e-5, atol=1e-6)
 
 
@@ -80,8 +80,8 @@ def test_rotary_in_place_matches_torch(head_dim: int) -> None:
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(t, kv_heads, head_dim)
     positions = torch.randint(0, 512, (t,))
     want_q, want_k = rotary(positions, q, k)
-    rotary.kernel = kernels
-    got_q, got_k = rotary(positions, q, k)
+    in_place = RotaryEmbedding(head_dim, 10000.0, None, max_positions=512, kernels=kernels)
+    got_q, got_k = in_place(positions, q, k)
     assert got_q.data_ptr() == qkv.data_ptr()  # rotated in place
     torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-6)

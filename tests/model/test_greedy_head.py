@@ -24,7 +24,7 @@ from convoy.model.greedy_head import (
     error_factor,
     screen_kind,
 )
-from convoy.model.layers import onednn_available
+from convoy.model.linear import onednn_available
 
 needs_bf16 = pytest.mark.skipif(
     not (onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),

@@ -14,14 +14,22 @@ import torch
 from convoy import LLM, SamplingParams
 from convoy.bench.memory import memory_report
 from convoy.model import cpu_kernels
-from convoy.model.layers import SKINNY_MAX_ROWS, Linear, onednn_available
+from convoy.model.linear import (
+    SKINNY_MAX_ROWS,
+    CpuLinear,
+    Linear,
+    LinearMethod,
+    TorchLinear,
+    onednn_available,
+)
+from convoy.model.quantization import Int8Linear
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
 
 
-def _layer(bias: bool) -> Linear:
+def _layer(bias: bool, method: LinearMethod | None = None) -> Linear:
     torch.manual_seed(0)
-    layer = Linear(96, 200, bias=bias)
+    layer = Linear(96, 200, bias, method or TorchLinear())
     layer.weight.data.normal_()
     if bias:
         assert layer.bias is not None
@@ -34,14 +42,13 @@ def _layer(bias: bool) -> Linear:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1, 64, 300])
 def test_cpu_paths_equal_torch_linear(pack: bool, bias: bool, rows: int) -> None:
-    layer = _layer(bias)
+    layer = _layer(bias, CpuLinear(cpu_kernels.load(), onednn=True, pack=pack))
     x = torch.randn(rows, 96)
     with torch.inference_mode():
         want = torch.nn.functional.linear(x.double(), layer.weight.double(), None)
         if layer.bias is not None:
             want = want + layer.bias.double()
-        layer.skinny_kernel = cpu_kernels.load()
-        layer.use_onednn(pack=pack)
+        layer.method.process_weights_after_loading(layer, keep_plain=False)
         got = layer(x)
     assert got.shape == (rows, 200) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
@@ -97,8 +104,8 @@ def test_int8_matrix_vector_kernel_equals_torchs_int8_product(bias: bool, rows: 
     kernel = cpu_kernels.load()
     if kernel is None:
         pytest.skip("convoy's CPU kernels could not be built here")
-    layer = _layer(bias)
-    layer.quantize_int8()
+    layer = _layer(bias, Int8Linear(kernel))
+    layer.method.process_weights_after_loading(layer, keep_plain=False)
     assert layer.qweight is not None and layer.qscale is not None
     x = torch.randn(rows, 96)
     with torch.inference_mode():
@@ -107,7 +114,6 @@ def test_int8_matrix_vector_kernel_equals_torchs_int8_product(bias: bool, rows: 
         want = x.double() @ w.t()
         if layer.bias is not None:
             want = want + layer.bias.double()
-        layer.skinny_kernel = kernel
         got = layer(x)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
@@ -123,7 +129,8 @@ def test_int8_model_runs_every_linear_on_int8_weights_close_to_float32(
     linears = [m for m in int8.engine.runner.model.modules() if isinstance(m, Linear)]
     assert linears and all(m.qweight is not None and m.weight.numel() == 0 for m in linears)
     if cpu_kernels.load() is not None:
-        assert all(m.skinny_kernel is not None for m in linears)
+        assert all(isinstance(m.method, Int8Linear) for m in linears)
+        assert all(m.method.skinny is not None for m in linears)
     # Prompt logprobs (a 40-row product: torch's int8 GEMM) and a decode (one row: the
     # matrix-vector kernel) stay close to float32's.
     got, want = (llm.generate([prompt], params, use_tqdm=False)[0] for llm in (int8, f32))
