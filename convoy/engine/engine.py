@@ -135,6 +135,11 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
 
+    @property
+    def backends(self) -> dict[str, str]:
+        """Which implementation runs each part of the model (see ModelRunner.backends)."""
+        return self.runner.backends()
+
     def _eos_token_ids(self, model_path: Path) -> frozenset[int]:
         """EOS ids from config.json, generation_config.json and the tokenizer, together."""
         ids: set[int] = set(self.arch.eos_token_ids)

@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from convoy.engine.async_engine import AsyncEngine
@@ -28,6 +33,11 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.engine.stats
+        yield InfoMetricFamily(
+            "convoy:backend",
+            "Which implementation runs each part of the model.",
+            value=self.engine.engine.backends,
+        )
         yield GaugeMetricFamily(
             "convoy:num_requests_running", "Sequences in the running batch.", value=s.num_running
         )

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from convoy.config import ModelConfig
+from convoy.model import cpu_kernels
 from convoy.model.arch import ModelArch
 from convoy.model.attention import CudaGraphAttention
 from convoy.model.attention.cuda import DecodeGraphs
@@ -112,9 +113,13 @@ class ModelRunner:
         logger.info("backends: %s", self.backends())
 
     def backends(self) -> dict[str, str]:
-        """Which implementation runs each part of the model (startup log, /metrics)."""
+        """Which implementation runs each part of the model (startup log, /metrics), and
+        why convoy's CPU kernels are not in use where they could be."""
         names = self.ops.describe()
         names["greedy_screen"] = type(self.greedy_head).__name__ if self.greedy_head else "none"
+        reason = cpu_kernels.unavailable_reason()
+        if reason is not None:
+            names["cpu_kernels_unavailable"] = reason.splitlines()[0][:200]
         return names
 
     @property

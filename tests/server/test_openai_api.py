@@ -673,6 +673,17 @@ def test_metrics_count_a_request(server: ServerProcess, client: OpenAI, llm: LLM
     assert delta("convoy:inter_token_latency_seconds_count") == max_tokens - 1
 
 
+def test_metrics_name_the_backends_in_use(server: ServerProcess, llm: LLM) -> None:
+    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    info = [line for line in text.splitlines() if line.startswith("convoy:backend_info{")]
+    assert len(info) == 1 and info[0].endswith(" 1.0")
+    for part in ("attention", "linear", "elementwise", "greedy_screen"):
+        assert f"{part}=" in info[0], part
+    # The same model on the same machine: the same kernels as the offline engine.
+    for part in ("attention", "elementwise"):
+        assert f'{part}="{llm.engine.backends[part]}"' in info[0], part
+
+
 def test_prefix_cache_reports_cached_tokens_per_salt(
     server: ServerProcess, client: OpenAI, llm: LLM
 ) -> None:
