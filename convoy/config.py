@@ -105,9 +105,8 @@ class CacheConfig:
 
         CPU gets 128-token blocks, like vLLM's CPU backend: decode attention reads a block's
         keys and values as one run, and the memory system streams long runs much faster than
-        short scattered ones (on a 2-core Zen 4 box, ~30 against ~17 GB/s for 16-token
-        blocks; convoy's decode attention 16.6 against 23.1 ms a step on a ~200M Llama at 64
-        sequences). CUDA keeps vLLM's 16, which shares prefixes at a finer grain.
+        short scattered ones (docs/performance). CUDA keeps vLLM's 16, which shares prefixes
+        at a finer grain.
         """
         if self.block_size is not None:
             return self
