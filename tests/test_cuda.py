@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from convoy.model.attention.cuda import BATCH_SIZES, batch_buckets
 from transformers import AutoModelForCausalLM
 
 from convoy import LLM, SamplingParams
+from convoy.model.attention.cuda import BATCH_SIZES, batch_buckets
 from tests.conftest import ARCH_CASES
 from tests.test_fidelity import (
     NEW_TOKENS,
