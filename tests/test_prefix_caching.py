@@ -19,6 +19,7 @@ import pytest
 
 from convoy import LLM, RequestOutput, SamplingParams
 from convoy.engine.request import Request
+from convoy.model.attention import base as attention_base
 from tests.conftest import ARCH_CASES, TOKENIZER_VOCAB
 from tests.test_fidelity import poison_kv_cache
 
@@ -111,14 +112,15 @@ def test_prefix_caching_leaves_outputs_unchanged(
     at_once = LLM(**base)
     poison_kv_cache(at_once)
     groups: list[int] = []  # sizes of the shared-prefix decode groups the runner formed
-    shared_prefixes = at_once.engine.runner._shared_prefixes
+    shared_prefixes = attention_base.find_shared_prefixes
 
     def spy_groups(*args: Any) -> Any:
         result = shared_prefixes(*args)
-        groups.extend(g.row_end - g.row_start for g in result[0])
+        if result is not None:
+            groups.extend(g.row_end - g.row_start for g in result.groups)
         return result
 
-    monkeypatch.setattr(at_once.engine.runner, "_shared_prefixes", spy_groups)
+    monkeypatch.setattr(attention_base, "find_shared_prefixes", spy_groups)
     assert_same(run(at_once, sequential=False), want, "all at once")
     assert groups and max(groups) >= 3  # shared-prefix attention really ran
 
