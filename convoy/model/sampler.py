@@ -8,7 +8,8 @@ Random rows sample by inverting the cumulative distribution: one uniform draw pe
 first token whose cumulative probability (summed in float64) exceeds it. That is an exact
 draw from ``p`` and a zero-probability token is never chosen. It needs one random number per
 row where the exponential race ``argmax(p / E)`` needs one per vocabulary entry, several
-times the cost on a CPU. Each seeded request draws from its own generator, so its tokens do not depend on which other requests share the batch.
+times the cost on a CPU. Each seeded request draws from its own generator, so its tokens do
+not depend on which other requests share the batch.
 """
 
 from __future__ import annotations
