@@ -27,6 +27,7 @@ from convoy.model.attention.shared_prefix import (
     find_shared_prefixes,
     shared_prefix_decode,
 )
+from convoy.model.cpu_kernels import CpuKernels
 
 DecodeT = TypeVar("DecodeT")
 PrefillT = TypeVar("PrefillT")
@@ -68,12 +69,20 @@ class AttentionBackend(ABC, Generic[DecodeT, PrefillT]):
     # KV cache slots past the blocks' own: the pad slot, kept at zero.
     extra_kv_slots = 1
 
-    def __init__(self, block_size: int, pad_slot: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        pad_slot: int,
+        device: torch.device,
+        kv_writer: CpuKernels | None = None,
+    ) -> None:
         self.block_size = block_size
         # A slot kept at zero: padded positions read it (unwritten memory may hold NaN, and a
         # masked-out NaN still poisons attention, 0 * NaN = NaN).
         self.pad_slot = pad_slot
         self.device = device
+        # convoy's CPU kernels, whose KV write (one row copy per token) replaces index_copy_.
+        self.kv_writer = kv_writer
 
     # -- metadata, once a step ---------------------------------------------------------------
     def build_metadata(self, batch: AttentionBatch) -> AttentionMetadata[DecodeT, PrefillT]:
@@ -128,6 +137,9 @@ class AttentionBackend(ABC, Generic[DecodeT, PrefillT]):
         slot_mapping: torch.Tensor,  # (T,)
     ) -> None:
         """Store the new tokens' keys and values at their slots."""
+        if self.kv_writer is not None:
+            self.kv_writer.write_kv(k_cache, v_cache, k, v, slot_mapping)
+            return
         k_cache.index_copy_(0, slot_mapping, k)
         v_cache.index_copy_(0, slot_mapping, v)
 

@@ -37,7 +37,7 @@ class CpuKernelAttention(AttentionBackend[PagedDecode, PagedPrefill]):
     def __init__(
         self, block_size: int, pad_slot: int, device: torch.device, kernels: CpuKernels
     ) -> None:
-        super().__init__(block_size, pad_slot, device)
+        super().__init__(block_size, pad_slot, device, kv_writer=kernels)
         self.kernels = kernels
 
     @staticmethod
@@ -57,16 +57,6 @@ class CpuKernelAttention(AttentionBackend[PagedDecode, PagedPrefill]):
             positions=batch.start_positions[d:],
             num_queries=torch.tensor(batch.query_lens[d:], dtype=torch.long, device=device),
         )
-
-    def write_kv(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        self.kernels.write_kv(k_cache, v_cache, k, v, slot_mapping)
 
     def decode_attention(
         self,

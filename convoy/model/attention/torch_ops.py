@@ -16,7 +16,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from convoy.model.attention.base import AttentionBackend
 from convoy.model.attention.batch import AttentionBatch
-from convoy.model.cpu_kernels import CpuKernels
 
 # What prompt attention may use on CUDA: not cuDNN's attention, which torch prefers on recent
 # GPUs, because it builds an execution plan for every new (query, context) shape, and every
@@ -92,20 +91,10 @@ class GatheredPrefill:
 
 
 class TorchAttention(AttentionBackend[GatheredDecode, GatheredPrefill]):
-    """torch ops on gathered contexts. ``kv_writer``: convoy's CPU kernels, whose KV write
-    (one row copy per token) replaces ``index_copy_`` where they are loaded."""
+    """torch ops on gathered contexts (``kv_writer``: convoy's CPU kernels write the keys and
+    values where they are loaded)."""
 
     name = "torch"
-
-    def __init__(
-        self,
-        block_size: int,
-        pad_slot: int,
-        device: torch.device,
-        kv_writer: CpuKernels | None = None,
-    ) -> None:
-        super().__init__(block_size, pad_slot, device)
-        self.kv_writer = kv_writer
 
     def build_decode(self, batch: AttentionBatch) -> GatheredDecode:
         d, bs = batch.num_decodes, self.block_size
@@ -134,19 +123,6 @@ class TorchAttention(AttentionBackend[GatheredDecode, GatheredPrefill]):
                 )
             )
         return GatheredPrefill(chunks)
-
-    def write_kv(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        if self.kv_writer is not None:
-            self.kv_writer.write_kv(k_cache, v_cache, k, v, slot_mapping)
-            return
-        super().write_kv(k_cache, v_cache, k, v, slot_mapping)
 
     def decode_attention(
         self,
