@@ -4,8 +4,8 @@
 convoy, which shares its process with the run's other convoy engines; this puts both sides in
 processes of their own, so neither pays for the other, and alternates which goes first::
 
-    .venv/bin/python benchmarks/checkout_ab.py --before /tmp/convoy-base --after . \\
-        --model-size 200m --repeats 3
+    git worktree add ../convoy-base <older commit>
+    .venv/bin/python benchmarks/checkout_ab.py --before ../convoy-base --model-size 200m
 
 Workloads are compare.py's: ``random`` (64 prompts of 64-256 random tokens, 128 output
 tokens each, ``max_num_seqs=128``) and ``c=1`` (the first of them alone, ``max_num_seqs=4``),
