@@ -43,10 +43,10 @@ there is no screen.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
+from convoy.model.cpu_kernels import CpuKernels
 from convoy.model.linear import ONEDNN_PACK_ROWS, onednn_available
 
 # More tokens than this within reach of the top and the row is computed in full instead
@@ -113,7 +113,7 @@ class ScreenedGreedyHead:
     ``weight`` is the float32 head, kept as it is (the few candidates' logits read its rows).
     """
 
-    def __init__(self, weight: torch.Tensor, kernel: Any) -> None:
+    def __init__(self, weight: torch.Tensor, kernel: CpuKernels) -> None:
         self.kernel = kernel
         self.weight = weight.detach()
 
@@ -131,7 +131,7 @@ class Bf16GreedyHead(ScreenedGreedyHead):
     """The bfloat16 screen: a bfloat16 copy of the head in oneDNN's blocked layout (half its
     size) and one bound factor per token."""
 
-    def __init__(self, weight: torch.Tensor, kernel: Any) -> None:
+    def __init__(self, weight: torch.Tensor, kernel: CpuKernels) -> None:
         super().__init__(weight, kernel)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(
             self.weight.bfloat16(), ONEDNN_PACK_ROWS
@@ -156,7 +156,7 @@ class Int8GreedyHead(ScreenedGreedyHead):
     # Rows quantized at a time when the screen is built (in float64: bounds the temporaries).
     BUILD_ROWS = 4096
 
-    def __init__(self, weight: torch.Tensor, kernel: Any) -> None:
+    def __init__(self, weight: torch.Tensor, kernel: CpuKernels) -> None:
         super().__init__(weight, kernel)
         vocab, hidden = self.weight.shape
         q = torch.empty((vocab, hidden), dtype=torch.int8)
@@ -220,7 +220,7 @@ class MixedGreedyHead(ScreenedGreedyHead):
     # bfloat16 one, c |x|. Gaussian-like rows: ~1.2x; a row 15x its RMS at its largest: ~3.5x.
     WIDTH_LIMIT = 2.0
 
-    def __init__(self, weight: torch.Tensor, kernel: Any) -> None:
+    def __init__(self, weight: torch.Tensor, kernel: CpuKernels) -> None:
         super().__init__(weight, kernel)
         self.int8 = Int8GreedyHead(weight, kernel)
         self.bf16 = Bf16GreedyHead(weight, kernel)
@@ -247,7 +247,7 @@ class MixedGreedyHead(ScreenedGreedyHead):
         return self.int8.own_tensors() + self.bf16.own_tensors()
 
 
-def make_greedy_head(weight: torch.Tensor, kernel: Any) -> ScreenedGreedyHead | None:
+def make_greedy_head(weight: torch.Tensor, kernel: CpuKernels) -> ScreenedGreedyHead | None:
     """The screen for this CPU (:func:`screen_kind`) over ``weight``, or ``None`` where none
     pays. (A head with non-finite values has no int8 scales: it gets no int8 screen.)"""
     kind = screen_kind()
