@@ -8,6 +8,7 @@ the Python API and the CLI never drift apart.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,7 +157,123 @@ class ServerConfig:
     )
 
 
-CONFIG_CLASSES: tuple[type, ...] = (ModelConfig, CacheConfig, SchedulerConfig)
+SPECULATIVE_METHODS = ("draft_model", "ngram", "hybrid", "auto", "oracle")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding, in the shape of vLLM's ``speculative_config``.
+
+    ``{"model": DRAFT, "num_speculative_tokens": 4}`` drafts with a small model sharing the
+    target's tokenizer; ``{"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max":
+    4}`` copies the tokens that followed the last n-gram's earlier occurrence; ``hybrid``
+    tries the n-gram first and falls back to the draft; ``auto`` is hybrid when a draft model
+    is given, else n-gram. ``oracle`` (benchmarks) proposes a known continuation with a
+    chosen share of wrong tokens. Outputs never change: the target verifies every token.
+    """
+
+    method: str | None = None  # None: draft_model if a model is given
+    model: str | None = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    # The controller picks each request's draft length (0 .. num_speculative_tokens) every
+    # step from measured step costs and acceptance; off: always num_speculative_tokens.
+    adaptive: bool = True
+    # oracle only: the chance that each proposed token is wrong.
+    oracle_error_rate: float = 0.0
+    oracle_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            if self.model is None:
+                raise ValueError(
+                    "speculative_config needs a draft 'model' or a 'method' "
+                    f"({', '.join(SPECULATIVE_METHODS)})"
+                )
+            self.method = "draft_model"
+        if self.method == "auto":
+            self.method = "hybrid" if self.model is not None else "ngram"
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(
+                f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                f"got {self.method!r}"
+            )
+        if self.method in ("draft_model", "hybrid") and self.model is None:
+            raise ValueError(f"speculative method {self.method!r} needs a draft 'model'")
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
+            raise ValueError(
+                "num_speculative_tokens must be an integer >= 1, "
+                f"got {self.num_speculative_tokens!r}"
+            )
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
+            )
+        if not 0.0 <= self.oracle_error_rate <= 1.0:
+            raise ValueError(f"oracle_error_rate must be in [0, 1], got {self.oracle_error_rate}")
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method in ("draft_model", "hybrid")
+
+
+def parse_speculative_config(
+    value: str | dict[str, Any] | SpeculativeConfig | None, default_draft: str | None
+) -> SpeculativeConfig | None:
+    """The speculative config from what a user gave: a dict, its JSON text, ``"none"``, or
+    ``"default"`` (speculate with ``default_draft`` when there is one, else not)."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "none", "off", "null"):
+            return None
+        if text == "default":
+            return None if default_draft is None else SpeculativeConfig(model=default_draft)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if value is None:
+            return None
+    if not isinstance(value, dict):
+        raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+    known = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown speculative_config key(s) {unknown}; known: {sorted(known)}")
+    return SpeculativeConfig(**value)
+
+
+@dataclass
+class SpeculationConfig:
+    """Speculative decoding (the CLI's and ``LLM``'s one knob)."""
+
+    speculative_config: str | dict[str, Any] | None = field(
+        default="default",
+        metadata={
+            "help": 'JSON like vLLM\'s, e.g. \'{"model": DRAFT, "num_speculative_tokens": '
+            '4}\' or \'{"method": "ngram"}\'; none: off. Default: the built-in draft when '
+            "no --model is given, else off."
+        },
+    )
+    batch_invariant: str = field(
+        default="auto",
+        metadata={
+            "help": "on: a row's float32 result never depends on the other rows of a step "
+            "(what keeps speculative outputs exact); off; auto: on with speculation."
+        },
+    )
+
+
+CONFIG_CLASSES: tuple[type, ...] = (
+    ModelConfig,
+    CacheConfig,
+    SchedulerConfig,
+    SpeculationConfig,
+)
 
 
 @dataclass
@@ -166,6 +283,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -176,6 +294,7 @@ class EngineConfig:
             ("model", ModelConfig),
             ("cache", CacheConfig),
             ("scheduler", SchedulerConfig),
+            ("speculation", SpeculationConfig),
         ):
             names = {f.name for f in dataclasses.fields(klass)}
             parts[name] = klass(**{k: remaining.pop(k) for k in list(remaining) if k in names})
@@ -209,6 +328,11 @@ class EngineConfig:
         if m.attention_backend not in ("auto", "torch"):
             raise ValueError(
                 f"attention_backend must be auto or torch, got {m.attention_backend!r}"
+            )
+        parse_speculative_config(self.speculation.speculative_config, None)
+        if self.speculation.batch_invariant not in ("auto", "on", "off"):
+            raise ValueError(
+                f"batch_invariant must be auto, on or off, got {self.speculation.batch_invariant!r}"
             )
         if m.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(

@@ -91,6 +91,15 @@ class SamplingParams:
         default_factory=dict, metadata={"help": "Token id -> value added to its logit."}
     )
 
+    speculative: bool = field(
+        default=True,
+        metadata={"help": "Let the engine speculate for this request (outputs never change)."},
+    )
+    max_speculative_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Most proposed tokens verified per step (None: the engine's setting)."},
+    )
+
     def __post_init__(self) -> None:
         # Accept a single stop string or stop token id like vLLM and the OpenAI API do.
         if isinstance(self.stop, str):
@@ -136,6 +145,10 @@ class SamplingParams:
             raise bad("logprobs", "must be >= 0")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise bad("prompt_logprobs", "must be >= 0")
+        if self.max_speculative_tokens is not None and (
+            not isinstance(self.max_speculative_tokens, int) or self.max_speculative_tokens < 0
+        ):
+            raise bad("max_speculative_tokens", "must be an integer >= 0")
         if self.seed is not None and (
             not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
         ):

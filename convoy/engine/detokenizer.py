@@ -119,6 +119,13 @@ class IncrementalDetokenizer:
         self._num_returned = 0  # characters of _text handed out by get_delta
         self._matched_stop: str | None = None
         self._finished = False
+        self._num_output_tokens = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output ids taken in by ``update``; after a stop string matched, up to the one that
+        completed it (those after it were ignored)."""
+        return self._num_output_tokens
 
     @property
     def output_text(self) -> str:
@@ -138,6 +145,7 @@ class IncrementalDetokenizer:
             raise RuntimeError("update() after finish()")
         for token_id in new_token_ids:
             self._ids.append(token_id)
+            self._num_output_tokens += 1
             delta = self._step()
             if delta and self._append(delta):
                 return self._matched_stop

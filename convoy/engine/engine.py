@@ -19,19 +19,21 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from convoy.checkpoints import default_model_path
-from convoy.config import EngineConfig
+from convoy.checkpoints import default_model_path, draft_model_path
+from convoy.config import EngineConfig, parse_speculative_config
 from convoy.engine.detokenizer import IncrementalDetokenizer
 from convoy.engine.kv_cache_manager import KVCacheManager
 from convoy.engine.prefix_cache import namespace_root
 from convoy.engine.profiler import StepProfiler, StepTiming
 from convoy.engine.request import FinishReason, Request, RequestMetrics
 from convoy.engine.scheduler import Scheduler, SchedulerOutput
+from convoy.engine.spec_decode import Speculator
 from convoy.model.arch import ModelArch
 from convoy.model.loader import read_config, resolve_model_path
 from convoy.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from convoy.sampling_params import InvalidParamError, SamplingParams
 from convoy.worker.device import num_kv_blocks_for, resolve_device, resolve_dtype
+from convoy.worker.draft_runner import DraftRunner
 from convoy.worker.runner import ModelRunner
 from convoy.worker.step import ModelOutput, TokenLogprobs
 
@@ -93,7 +95,21 @@ class LLMEngine:
         self.config = config
         block_size = config.cache.block_size
         assert block_size is not None  # for_device filled it in
-        num_blocks = num_kv_blocks_for(config.cache, block_size, self.arch, dtype)
+        self.spec_config = parse_speculative_config(
+            config.speculation.speculative_config,
+            default_draft=str(draft_model_path()) if model_name is None else None,
+        )
+        draft_path = draft_arch = None
+        if self.spec_config is not None and self.spec_config.uses_draft_model:
+            assert self.spec_config.model is not None
+            draft_path = resolve_model_path(self.spec_config.model, None)
+            draft_arch = ModelArch.from_config(read_config(draft_path))
+            if draft_arch.vocab_size != self.arch.vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary ({draft_arch.vocab_size} tokens) differs from "
+                    f"the target's ({self.arch.vocab_size}); a draft must share the tokenizer"
+                )
+        num_blocks = num_kv_blocks_for(config.cache, block_size, self.arch, dtype, draft_arch)
         wanted_len = config.model.max_model_len or self.arch.max_position_embeddings
         # A request must fit in the whole pool on its own, or it could never finish: cap the
         # context length by the pool (vLLM refuses to start instead; we say so and go on).
@@ -110,6 +126,10 @@ class LLMEngine:
             num_blocks, block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        invariant = config.speculation.batch_invariant
+        self.batch_invariant = invariant == "on" or (
+            invariant == "auto" and self.spec_config is not None
+        )
         self.runner = ModelRunner(
             config.model,
             block_size,
@@ -118,7 +138,24 @@ class LLMEngine:
             self.max_model_len,
             num_blocks,
             config.scheduler.max_num_seqs,
+            batch_invariant=self.batch_invariant,
         )
+        self.speculator: Speculator | None = None
+        if self.spec_config is not None:
+            draft = None
+            if draft_path is not None and draft_arch is not None:
+                draft = DraftRunner(
+                    ModelRunner(
+                        config.model,
+                        block_size,
+                        draft_arch,
+                        str(draft_path),
+                        self.max_model_len,
+                        num_blocks,
+                        config.scheduler.max_num_seqs,
+                    )
+                )
+            self.speculator = Speculator(self.spec_config, draft, self.arch.vocab_size)
         self.parents: dict[str, _ParentRequest] = {}
         self._seq_of: dict[str, tuple[_ParentRequest, _Sequence]] = {}
         self._ids = itertools.count()
@@ -332,6 +369,8 @@ class LLMEngine:
         (with ``final_only``, of those that finished: callers that only collect results, like
         ``LLM.generate``, skip copying every running request's tokens and text each step)."""
         t0 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.plan(self.scheduler.running)
         sched = self.scheduler.schedule()
         timing = None
         if self.profiler is not None:
@@ -347,7 +386,13 @@ class LLMEngine:
                 parent.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(parent.prompt_token_ids)
         try:
+            if self.speculator is not None:
+                self.speculator.forget(sched.finished_request_ids)
+                self.speculator.forget_drafts([r.request_id for r in sched.preempted])
+                self.speculator.fill(sched)
+            t_run = time.perf_counter()
             model_out = self.runner.execute(sched, timing)
+            t_ran = time.perf_counter()
         except Exception:
             # A failure inside the model must not take the engine down: the requests of this
             # step fail alone, with their blocks returned.
@@ -361,6 +406,8 @@ class LLMEngine:
             for s in sched.scheduled
         )
         t1 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.observe(sched, model_out.sampled, t_ran - t_run)
         updated = self.scheduler.update_from_output(sched, model_out.sampled)
         outputs = self._process(model_out, updated, final_only)
         if self.profiler is not None and timing is not None and not sched.is_empty:
@@ -390,17 +437,19 @@ class LLMEngine:
         for request, new_tokens in updated:
             parent, seq = self._seq_of[request.request_id]
             touched[parent.request_id] = parent
-            self.num_generated_tokens += len(new_tokens)
+            kept = self._detokenize(seq, new_tokens)
+            self.num_generated_tokens += kept
             if new_tokens and parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
             if seq.logprobs is not None:
-                for entry in model_out.logprobs.get(request.request_id, []):
+                for entry in model_out.logprobs.get(request.request_id, [])[:kept]:
                     seq.logprobs.append(self._position_logprobs(entry))
                     seq.cumulative_logprob += entry.logprob
-            self._detokenize(seq, new_tokens)
         return [self._output(p) for p in touched.values() if p.finished or not final_only]
 
-    def _detokenize(self, seq: _Sequence, new_tokens: list[int]) -> None:
+    def _detokenize(self, seq: _Sequence, new_tokens: list[int]) -> int:
+        """Take in a step's new tokens; returns how many the request keeps (fewer when a stop
+        string ends it before the last)."""
         request = seq.request
         params = request.sampling_params
         text_tokens = new_tokens
@@ -409,8 +458,15 @@ class LLMEngine:
         stopped_by_token = request.finish_reason is FinishReason.STOP
         if stopped_by_token and new_tokens and not params.include_stop_str_in_output:
             text_tokens = new_tokens[:-1]  # the stop token itself is not text
+        before = seq.detokenizer.num_output_tokens
         matched = seq.detokenizer.update(text_tokens) if text_tokens else None
+        kept = len(new_tokens)
         if matched is not None:
+            # With speculation a step adds several tokens; those after the one completing
+            # the stop string were never produced.
+            kept = seq.detokenizer.num_output_tokens - before
+            if kept < len(new_tokens):
+                request.truncate_output(request.num_output_tokens - (len(new_tokens) - kept))
             if request.is_finished:
                 # The same token hit max_tokens and completed a stop string: the stop wins.
                 request.finish_reason, request.stop_reason = FinishReason.STOP, matched
@@ -420,6 +476,7 @@ class LLMEngine:
                 )
         if request.is_finished:
             self._finish_text(seq)
+        return kept
 
     def _finish_text(self, seq: _Sequence) -> None:
         if seq.text_done:
@@ -475,6 +532,11 @@ class LLMEngine:
         return self._make_output(parent)
 
     def _make_output(self, parent: _ParentRequest) -> RequestOutput:
+        metrics = parent.metrics
+        metrics.num_draft_tokens = sum(s.request.metrics.num_draft_tokens for s in parent.sequences)
+        metrics.num_accepted_tokens = sum(
+            s.request.metrics.num_accepted_tokens for s in parent.sequences
+        )
         outputs = []
         for seq in parent.sequences:
             r = seq.request

@@ -126,6 +126,19 @@ class KVCacheManager:
             self.pool.cache(table[i], hashes[i])
         self._num_named[rid] = full
 
+    def free_trailing(self, request: Request, num_tokens: int) -> None:
+        """Give back the blocks past the first ``num_tokens`` of ``request`` (rejected draft
+        rows). They were never named: names cover known tokens only."""
+        table = self.block_tables.get(request.request_id)
+        if table is None:
+            return
+        keep = self.num_blocks_for(num_tokens)
+        if len(table) > keep:
+            assert self._num_named[request.request_id] <= keep
+            tail = table[keep:]
+            del table[keep:]
+            self.pool.free(reversed(tail), keep_cached=self.enable_prefix_caching)
+
     def get_block_table(self, request_id: str) -> list[int]:
         return self.block_tables.get(request_id, [])
 

@@ -34,6 +34,9 @@ class RequestMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    # Speculative decoding: tokens proposed for this request, and how many the target kept.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class Request:
@@ -78,6 +81,10 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.lookup_prefix_cache = lookup_prefix_cache
         self.num_cached_tokens: int | None = None
+        # Speculative decoding: how many proposed tokens the next step may verify (set by the
+        # speculator before scheduling), and those proposed ahead by a host-side proposer.
+        self.num_spec_tokens = 0
+        self.spec_token_ids: list[int] = []
         self.metrics = RequestMetrics()
         if arrival_time is not None:
             self.metrics.arrival_time = arrival_time
@@ -101,6 +108,12 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep only the first ``num_output_tokens`` outputs (a stop string ended the text
+        inside a step's several tokens: those after it were never produced)."""
+        del self.output_token_ids[num_output_tokens:]
+        del self.all_token_ids[self.num_prompt_tokens + num_output_tokens :]
 
     def check_stop_token(self) -> bool:
         """Finish on EOS / stop_token_ids / max_tokens after the newest token; True if finished.

@@ -22,13 +22,24 @@ class ScheduledRequest:
 
     request: Request
     start: int  # num_computed_tokens before this step
-    num_tokens: int
+    num_tokens: int  # the draft tokens included
     block_table: list[int]
+    # Speculative decoding: the last ``num_draft`` tokens are proposed ones, not yet the
+    # request's; their ids are filled in before the step runs (draft_token_ids).
+    num_draft: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The input tokens of this chunk, proposed ones last."""
+        known = self.request.all_token_ids[self.start : self.start + self.num_tokens]
+        return known + self.draft_token_ids if self.num_draft else known
 
     @property
     def samples(self) -> bool:
-        """True if this step reaches the end of the known tokens, so a new one is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        """True if this step reaches the end of the known tokens, so a new one is sampled
+        (one per verified row with drafts)."""
+        return self.start + self.num_tokens - self.num_draft == self.request.num_tokens
 
 
 @dataclass
@@ -123,6 +134,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_draft = self._num_draft(request, budget) if num_new == 1 else 0
+            num_new += num_draft
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)
@@ -130,7 +143,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(self._scheduled(request, num_new))
+                out.scheduled.append(self._scheduled(request, num_new, num_draft))
                 budget -= num_new
                 i += 1
                 continue
@@ -171,12 +184,22 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _num_draft(self, request: Request, budget: int) -> int:
+        """Proposed tokens a decode verifies this step: what the speculator asked for, within
+        the budget, and never a row past max_tokens or the context (so no output overshoots)."""
+        if request.num_spec_tokens <= 0:
+            return 0
+        # max_tokens keeps every row inside the context too (prompt + max_tokens fits).
+        room = min(budget - 1, request.max_tokens - request.num_output_tokens - 1)
+        return max(0, min(request.num_spec_tokens, room))
+
+    def _scheduled(self, request: Request, num_new: int, num_draft: int = 0) -> ScheduledRequest:
         return ScheduledRequest(
             request=request,
             start=request.num_computed_tokens,
             num_tokens=num_new,
             block_table=self.kv_cache.get_block_table(request.request_id),
+            num_draft=num_draft,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -211,10 +234,18 @@ class Scheduler:
                 request.append_output_token(token)
                 kept.append(token)
                 request.check_stop_token()
+            if s.num_draft and not request.is_finished:
+                self._roll_back(request, s.start + len(kept))
             updated.append((request, kept))
             if request.is_finished:
                 self._release(request)
         return updated
+
+    def _roll_back(self, request: Request, num_computed: int) -> None:
+        """After verifying drafts: only the rows up to the first rejected draft hold the right
+        keys and values. The request resumes from there; blocks wholly past it go back."""
+        request.num_computed_tokens = num_computed
+        self.kv_cache.free_trailing(request, num_computed)
 
     def check_integrity(self) -> None:
         """KV pool invariants, and only live requests hold blocks."""

@@ -14,6 +14,7 @@ not depend on which other requests share the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +28,30 @@ class SamplingRow:
     """What the sampler needs to know about one row of logits."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]  # those before this row's token
     eos_token_ids: frozenset[int]
-    generator: torch.Generator | None  # None: the engine's shared generator
+    # Which output token of its request this row samples: a seeded row's draw (see
+    # seeded_uniform); unseeded rows draw from the engine's shared generator.
+    draw_index: int = 0
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer: a bijection of 64-bit integers that scatters every input bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seeded_uniform(seed: int, index: int) -> float:
+    """A uniform draw in [0, 1) fixed by (seed, index): 53 random bits of a counter-based
+    generator (SplitMix64 over the seed, then the index)."""
+    x = _mix64((seed & _MASK64) ^ 0x9E3779B97F4A7C15)
+    x = _mix64((x + (index & _MASK64) * 0xD1B54A32D192ED03) & _MASK64)
+    return (x >> 11) * 2.0**-53
 
 
 @dataclass
@@ -145,21 +166,43 @@ class Sampler:
             min_p = torch.tensor(min_ps, device=self.device, dtype=probs.dtype)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
 
-        u = torch.empty(len(rows), device=self.device, dtype=torch.float64)
-        shared = [i for i, r in enumerate(rows) if r.generator is None]
-        if shared:
-            u[shared] = torch.rand(
-                len(shared), device=self.device, dtype=torch.float64, generator=self.generator
+        shared = [i for i, r in enumerate(rows) if r.params.seed is None]
+        if len(shared) == len(rows):
+            u = torch.rand(
+                len(rows), device=self.device, dtype=torch.float64, generator=self.generator
             )
-        for i, r in enumerate(rows):
-            if r.generator is not None:
-                u[i] = torch.rand(1, device=self.device, dtype=torch.float64, generator=r.generator)
+        else:
+            u = torch.tensor(
+                [
+                    seeded_uniform(r.params.seed, r.draw_index)
+                    if r.params.seed is not None
+                    else 0.0
+                    for r in rows
+                ],
+                dtype=torch.float64,
+                device=self.device,
+            )
+            if shared:
+                u[shared] = torch.rand(
+                    len(shared), device=self.device, dtype=torch.float64, generator=self.generator
+                )
         cdf = probs.double().cumsum(dim=-1)  # float64: exact enough over 100k+ entries
         # Scaled by each row's total (1 up to rounding; less where min_p cut tokens).
         target = u[:, None] * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
         # u * total can round up to total itself (u within 2^-53 of 1): the last token then.
         return tokens.clamp_(max=probs.shape[1] - 1)
+
+
+def needs_history(params: SamplingParams) -> bool:
+    """Whether a row's logits depend on the tokens already generated (penalties,
+    min_tokens), beyond their count."""
+    return bool(
+        params.min_tokens
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty
+        or params.frequency_penalty
+    )
 
 
 def plain_greedy(row: SamplingRow) -> bool:

@@ -32,11 +32,18 @@ def kv_block_bytes(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
 
 
 def num_kv_blocks_for(
-    cache: CacheConfig, block_size: int, arch: ModelArch, dtype: torch.dtype
+    cache: CacheConfig,
+    block_size: int,
+    arch: ModelArch,
+    dtype: torch.dtype,
+    draft: ModelArch | None = None,
 ) -> int:
     """``num_kv_blocks`` if set, else as many ``block_size``-token blocks as
-    ``kv_cache_memory_gb`` holds."""
+    ``kv_cache_memory_gb`` holds (with a draft model, the draft's share of each block too:
+    it keeps its own keys and values under the same block ids)."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
     per_block = kv_block_bytes(arch, block_size, dtype)
+    if draft is not None:
+        per_block += kv_block_bytes(draft, block_size, dtype)
     return max(1, int(cache.kv_cache_memory_gb * 2**30) // per_block)

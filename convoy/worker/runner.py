@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -30,7 +31,14 @@ from convoy.model.attention.cuda import DecodeGraphs
 from convoy.model.greedy_head import ScreenedGreedyHead, make_greedy_head
 from convoy.model.host_allocator import keep_step_buffers_on_heap
 from convoy.model.loader import load_model
-from convoy.model.sampler import Sampler, SamplingRow, TopLogprobs, gather_logprobs, plain_greedy
+from convoy.model.sampler import (
+    Sampler,
+    SamplingRow,
+    TopLogprobs,
+    gather_logprobs,
+    needs_history,
+    plain_greedy,
+)
 from convoy.worker.device import resolve_device, resolve_dtype
 from convoy.worker.input_batch import StepInputs, prepare_inputs
 from convoy.worker.model_ops import choose_model_ops, greedy_screen_kernels
@@ -39,6 +47,7 @@ from convoy.worker.step import (
     PhaseTimes,
     ScheduledChunk,
     StepPlan,
+    StepRequest,
     TokenLogprobs,
 )
 
@@ -47,6 +56,39 @@ logger = logging.getLogger(__name__)
 
 def _top_list(top: TopLogprobs, i: int) -> list[tuple[int, float]]:
     return list(zip(top.top_ids[i].tolist(), top.top_logprobs[i].tolist(), strict=True))
+
+
+def _token_logprobs(top: TopLogprobs, i: int, token: int, n_top: int) -> TokenLogprobs:
+    return TokenLogprobs(
+        token_id=token,
+        logprob=float(top.sampled_logprobs[i]),
+        rank=int(top.sampled_ranks[i]),
+        top=_top_list(top, i)[:n_top],
+    )
+
+
+def num_accepted(drafts: Sequence[int], targets: Sequence[int]) -> int:
+    """How many leading drafts equal the target's own tokens at their rows."""
+    n = 0
+    while n < len(drafts) and drafts[n] == targets[n]:
+        n += 1
+    return n
+
+
+def _sampling_row(request: StepRequest, drafts: Sequence[int], i: int) -> SamplingRow:
+    """The sampler's view of the row sampling output ``len(outputs) + i`` of ``request``,
+    with its first ``i`` drafts taken as given."""
+    params = request.sampling_params
+    outputs: Sequence[int] = request.output_token_ids
+    if i and needs_history(params):
+        outputs = [*outputs, *drafts[:i]]
+    return SamplingRow(
+        params=params,
+        prompt_token_ids=request.prompt_token_ids,
+        output_token_ids=outputs,
+        eos_token_ids=request.eos_token_ids,
+        draw_index=len(request.output_token_ids) + i,
+    )
 
 
 class ModelRunner:
@@ -59,6 +101,7 @@ class ModelRunner:
         max_model_len: int,
         num_blocks: int,
         max_num_seqs: int,
+        batch_invariant: bool = False,
     ) -> None:
         self.device = resolve_device(model_config)
         self.dtype = resolve_dtype(model_config, self.device)
@@ -76,6 +119,7 @@ class ModelRunner:
             self.pad_slot,
             max_num_seqs,
             max_model_len,
+            batch_invariant,
         )
         screen = greedy_screen_kernels(model_config, self.ops.linear)
         self.model = load_model(
@@ -109,7 +153,6 @@ class ModelRunner:
         if self.device.type == "cpu":
             # After the weights and the cache are allocated: they stay mapped on their own.
             keep_step_buffers_on_heap()
-        self.generators: dict[str, torch.Generator] = {}
         logger.info("backends: %s", self.backends())
 
     def backends(self) -> dict[str, str]:
@@ -127,28 +170,11 @@ class ModelRunner:
         attention = self.ops.attention
         return attention.graphs if isinstance(attention, CudaGraphAttention) else None
 
-    # -- per-request state -------------------------------------------------------------------
-    def _generator(self, s: ScheduledChunk) -> torch.Generator | None:
-        seed = s.request.sampling_params.seed
-        if seed is None:
-            return None
-        rid = s.request.request_id
-        if rid not in self.generators:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(seed)
-            self.generators[rid] = g
-        return self.generators[rid]
-
-    def _drop_finished(self, request_ids: Sequence[str]) -> None:
-        for rid in request_ids:
-            self.generators.pop(rid, None)
-
     # -- one step ----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan, timing: PhaseTimes | None = None) -> ModelOutput:
         """Run one scheduled step; ``timing``, when given, gets its phases' seconds."""
         t0 = time.perf_counter()
-        self._drop_finished(plan.finished_request_ids)
         result = ModelOutput()
         if plan.is_empty:
             return result
@@ -163,6 +189,28 @@ class ModelRunner:
             timing.logits, timing.sample = t3 - t2, time.perf_counter() - t3
         return result
 
+    @torch.inference_mode()
+    def greedy_last_tokens(self, chunks: Sequence[ScheduledChunk]) -> list[int]:
+        """Run the chunks and return the argmax of each one's last row, in the chunks' order
+        (a draft model's proposals)."""
+        inputs = prepare_inputs(chunks, self.ops.attention, self.block_size, self.device)
+        hidden = self._run(inputs)
+        rows = [inputs.row(j, s.start + s.num_tokens - 1) for j, s in enumerate(inputs.order)]
+        if inputs.computed_rows is not None:
+            at_row = {r: i for i, r in enumerate(inputs.computed_rows)}
+            rows = [at_row[r] for r in rows]
+        last = hidden.index_select(0, torch.tensor(rows, device=self.device))
+        tokens: list[int | None] = [None] * len(rows)
+        if self.greedy_head is not None:
+            tokens = [t if t >= 0 else None for t in self.greedy_head(last).tolist()]
+        rest = [i for i, t in enumerate(tokens) if t is None]
+        if rest:
+            logits = self.model.compute_logits(last[rest] if len(rest) < len(rows) else last)
+            for i, t in zip(rest, logits.argmax(dim=-1).tolist(), strict=True):
+                tokens[i] = t
+        by_chunk = {id(s): t for s, t in zip(inputs.order, tokens, strict=True)}
+        return [cast(int, by_chunk[id(c)]) for c in chunks]
+
     def _run(self, inputs: StepInputs) -> torch.Tensor:
         """(T, C) final hidden states, or (N, C): the sampled rows only, in order
         (``meta.output_rows``)."""
@@ -174,51 +222,49 @@ class ModelRunner:
         )
 
     def _sample(self, inputs: StepInputs, hidden: torch.Tensor, result: ModelOutput) -> float:
-        """One new token for every row that samples, into ``result``; returns when the
-        logits were done (for the step's timing)."""
-        sampling = [
-            (s, inputs.query_starts[j] + s.num_tokens - 1)
-            for j, s in enumerate(inputs.order)
-            if s.samples
-        ]
-        if not sampling:
+        """New tokens for every chunk that samples, into ``result``; returns when the logits
+        were done (for the step's timing).
+
+        A chunk with drafts samples a token at each of its last ``1 + num_draft`` rows, each
+        row as if the drafts before it were already the request's (penalties see them, a
+        seeded row draws at its own output index). The request keeps the target's tokens up
+        to and including the first that differs from the draft: exactly the tokens it would
+        have sampled one step at a time.
+        """
+        jobs = [(s, inputs.sampled_rows(j)) for j, s in enumerate(inputs.order) if s.samples]
+        if not jobs:
             return time.perf_counter()
-        if inputs.meta.output_rows is not None:
-            last_hidden = hidden
+        flat = [r for _, rows in jobs for r in rows]
+        if inputs.computed_rows is not None:
+            at_row = {r: i for i, r in enumerate(inputs.computed_rows)}
+            flat = [at_row[r] for r in flat]
+        if flat == list(range(hidden.shape[0])):
+            last_hidden = hidden  # usually: every row samples, in order
         else:
-            rows_idx = torch.tensor([i for _, i in sampling], device=self.device)
-            last_hidden = hidden.index_select(0, rows_idx)  # (N, C)
+            last_hidden = hidden.index_select(0, torch.tensor(flat, device=self.device))
         rows = [
-            SamplingRow(
-                params=s.request.sampling_params,
-                prompt_token_ids=s.request.prompt_token_ids,
-                output_token_ids=s.request.output_token_ids,
-                eos_token_ids=s.request.eos_token_ids,
-                generator=self._generator(s),
-            )
-            for s, _ in sampling
+            _sampling_row(s.request, s.draft_token_ids, i)
+            for s, chunk_rows in jobs
+            for i in range(len(chunk_rows))
         ]
         tokens = self._screen_greedy(last_hidden, rows)
         # The rest (sampled rows, logprobs, penalties; rows the screen left): full logits.
         rest = [k for k, token in enumerate(tokens) if token is None]
         top, t_logits = self._sample_full(last_hidden, rows, rest, tokens)
         at = {k: i for i, k in enumerate(rest)}
-        for k, (s, _) in enumerate(sampling):
-            token = tokens[k]
-            assert token is not None
+        k = 0
+        for s, chunk_rows in jobs:
+            targets = cast(list[int], tokens[k : k + len(chunk_rows)])
+            kept = targets[: num_accepted(s.draft_token_ids, targets) + 1]
             rid = s.request.request_id
-            result.sampled[rid] = [token]
+            result.sampled[rid] = kept
             n_top = s.request.sampling_params.logprobs
             if top is not None and n_top is not None:
-                i = at[k]  # rows asking for logprobs are never screened
+                # Rows asking for logprobs are never screened.
                 result.logprobs[rid] = [
-                    TokenLogprobs(
-                        token_id=token,
-                        logprob=float(top.sampled_logprobs[i]),
-                        rank=int(top.sampled_ranks[i]),
-                        top=_top_list(top, i)[:n_top],
-                    )
+                    _token_logprobs(top, at[k + i], token, n_top) for i, token in enumerate(kept)
                 ]
+            k += len(chunk_rows)
         return t_logits
 
     def _screen_greedy(self, hidden: torch.Tensor, rows: list[SamplingRow]) -> list[int | None]:
@@ -260,7 +306,7 @@ class ModelRunner:
     ) -> None:
         """Logprobs of prompt tokens predicted within each chunk: position p scores token
         p+1."""
-        for s, q_start in zip(inputs.order, inputs.query_starts, strict=True):
+        for s, q_start in zip(inputs.order, inputs.prompt_base, strict=True):
             request = s.request
             k = request.sampling_params.prompt_logprobs
             if k is None:

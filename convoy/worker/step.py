@@ -46,8 +46,21 @@ class ScheduledChunk(Protocol):
     @property
     def block_table(self) -> list[int]: ...
     @property
+    def token_ids(self) -> Sequence[int]:
+        """The chunk's input tokens: known ones, then the ``num_draft`` proposed ones."""
+        ...
+
+    @property
+    def num_draft(self) -> int:
+        """Proposed tokens at the end of the chunk, verified by this step (speculation)."""
+        ...
+
+    @property
+    def draft_token_ids(self) -> Sequence[int]: ...
+    @property
     def samples(self) -> bool:
-        """The step reaches the end of the request's known tokens: a new one is sampled."""
+        """The step reaches the end of the request's known tokens: a new one is sampled, and
+        with drafts one per proposed token too."""
         ...
 
 
@@ -84,6 +97,8 @@ class TokenLogprobs:
 
 @dataclass
 class ModelOutput:
+    # Per request, its new tokens: one, or with drafts the target's own tokens up to and
+    # including the first that differs from the draft (the accepted drafts, then one more).
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # For prompt tokens ``first .. first+len-1`` of the request (first >= 1).

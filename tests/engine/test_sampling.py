@@ -145,16 +145,17 @@ def test_sampler_draws_follow_the_distribution(seeded: bool) -> None:
     tempered[tempered < 0.05 * tempered.max()] = 0
     tempered /= tempered.sum()
     sampler = Sampler(vocab_size=6, device=torch.device("cpu"), seed=0)
-    params = SamplingParams(temperature=0.5, min_p=0.05)
     draws = []
     for step in range(40):
         rows = [
             SamplingRow(
-                params=params,
+                params=SamplingParams(
+                    temperature=0.5, min_p=0.05, seed=1000 * step + i if seeded else None
+                ),
                 prompt_token_ids=[1],
                 output_token_ids=[],
                 eos_token_ids=frozenset(),
-                generator=torch.Generator().manual_seed(1000 * step + i) if seeded else None,
+                draw_index=step,
             )
             for i in range(100)
         ]

@@ -68,6 +68,9 @@ class AttentionBackend(ABC, Generic[DecodeT, PrefillT]):
     name: str = ""
     # KV cache slots past the blocks' own: the pad slot, kept at zero.
     extra_kv_slots = 1
+    # Decodes sharing leading blocks may attend to them once for the group. Off when rows
+    # must be batch-invariant: the group's sum runs in another order than a lone row's.
+    share_prefixes = True
 
     def __init__(
         self,
@@ -88,7 +91,7 @@ class AttentionBackend(ABC, Generic[DecodeT, PrefillT]):
     def build_metadata(self, batch: AttentionBatch) -> AttentionMetadata[DecodeT, PrefillT]:
         d = batch.num_decodes
         shared = None
-        if d and self.groups_shared_prefixes(batch):
+        if d and self.share_prefixes and self.groups_shared_prefixes(batch):
             shared = find_shared_prefixes(batch, self.block_size, self.pad_slot)
         return AttentionMetadata(
             slot_mapping=batch.slot_mapping,

@@ -1,0 +1,153 @@
+"""How many tokens each request drafts this step: the most accepted tokens per second.
+
+Speculation trades rows for steps. A step of ``R`` rows costs about ``a + b R`` seconds (the
+fixed part is reading the weights, the launch and Python overhead; ``b`` is what each row
+adds once the batch is compute-bound), plus the draft model's ``e0`` per round and ``e1`` per
+row. A request that accepts each proposed token with probability ``alpha`` gains
+``alpha^(j+1)`` expected tokens from its ``j+1``-th draft row. Starting from no drafts, the
+controller keeps adding the row of highest expected gain while that raises the step's
+tokens per second, that is while ``gain / added seconds`` beats the step's average. A single
+stream on a bandwidth-bound CPU (``b`` small) drafts the most; a large compute-bound batch
+(``b R`` far above ``a``) drafts nothing, so speculation never makes a crowd slower.
+
+Both costs are fitted online from the steps the engine times (least squares with
+forgetting), and each request's ``alpha`` from its own recent acceptances.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+
+class LinearCost:
+    """seconds ~ intercept + slope * x, least squares over recent observations (each step
+    weighs ``decay`` times the one after), the slope shrunk toward 0 while x barely varies."""
+
+    def __init__(self, decay: float = 0.97, ridge: float = 1.0) -> None:
+        self.decay = decay
+        self.ridge = ridge
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.n = self.n * d + 1.0
+        self.sx = self.sx * d + x
+        self.sy = self.sy * d + y
+        self.sxx = self.sxx * d + x * x
+        self.sxy = self.sxy * d + x * y
+
+    @property
+    def known(self) -> bool:
+        return self.n > 0.0
+
+    @property
+    def slope(self) -> float:
+        if self.n == 0.0:
+            return 0.0
+        var = self.sxx - self.sx * self.sx / self.n
+        cov = self.sxy - self.sx * self.sy / self.n
+        return max(0.0, cov / (var + self.ridge))
+
+    @property
+    def intercept(self) -> float:
+        if self.n == 0.0:
+            return 0.0
+        return max(0.0, (self.sy - self.slope * self.sx) / self.n)
+
+
+@dataclass
+class Acceptance:
+    """A request's recent acceptance: proposed tokens taken and refused, decayed."""
+
+    taken: float = 1.4  # the prior: alpha = 0.7 until the request has a record
+    refused: float = 0.6
+
+    @property
+    def alpha(self) -> float:
+        return self.taken / (self.taken + self.refused)
+
+    def add(self, num_draft: int, num_accepted: int, decay: float = 0.8) -> None:
+        self.taken = self.taken * decay + num_accepted
+        self.refused = self.refused * decay + (1 if num_accepted < num_draft else 0)
+
+
+@dataclass
+class Candidate:
+    """A request that may draft: up to ``max_k`` tokens, ``free`` when its proposal needs no
+    draft model (an n-gram hit)."""
+
+    request_id: str
+    max_k: int
+    free: bool
+
+
+class DraftLengthController:
+    def __init__(self, adaptive: bool) -> None:
+        self.adaptive = adaptive
+        self.target = LinearCost()
+        self.draft_rounds = LinearCost()  # seconds of a draft call ~ rounds
+        self.draft_rows = 0.0  # seconds per draft row, from the same calls
+        self.acceptance: dict[str, Acceptance] = {}
+
+    # -- learning ----------------------------------------------------------------------------
+    def observe_step(self, rows: int, seconds: float) -> None:
+        self.target.add(rows, seconds)
+
+    def observe_draft(self, rounds: int, rows: int, seconds: float) -> None:
+        """A draft call: ``rounds`` forward passes over ``rows`` rows in all."""
+        if rounds <= 0:
+            return
+        per_round = seconds / rounds
+        self.draft_rounds.add(rows / rounds, per_round)
+
+    def observe_request(self, request_id: str, num_draft: int, num_accepted: int) -> None:
+        if num_draft > 0:
+            self.acceptance.setdefault(request_id, Acceptance()).add(num_draft, num_accepted)
+
+    def forget(self, request_id: str) -> None:
+        self.acceptance.pop(request_id, None)
+
+    def alpha(self, request_id: str) -> float:
+        acc = self.acceptance.get(request_id)
+        return acc.alpha if acc is not None else Acceptance().alpha
+
+    # -- choosing ----------------------------------------------------------------------------
+    def choose(self, candidates: list[Candidate], base_rows: int) -> dict[str, int]:
+        """Each candidate's draft length for a step of ``base_rows`` rows without drafts."""
+        if not self.adaptive or not self.target.known:
+            # Nothing measured yet (or fixed k): draft fully, which also gives the cost
+            # model steps of different sizes to learn from.
+            return {c.request_id: c.max_k for c in candidates}
+        b = self.target.slope
+        tokens = float(base_rows)
+        seconds = self.target.intercept + b * base_rows
+        e0 = self.draft_rounds.intercept
+        e1 = self.draft_rounds.slope
+        k = {c.request_id: 0 for c in candidates}
+        rounds = 0
+        heap = [(-self.alpha(c.request_id), i) for i, c in enumerate(candidates) if c.max_k > 0]
+        heapq.heapify(heap)
+        while heap:
+            neg_gain, i = heapq.heappop(heap)
+            c = candidates[i]
+            gain = -neg_gain
+            j = k[c.request_id]
+            added = b
+            if not c.free:
+                added += e1 + (e0 if j + 1 > rounds else 0.0)
+            if seconds > 0 and gain * seconds <= tokens * added:
+                # The best row left would lower tokens per second; every other row gains less.
+                # (A row needing a new draft round costs more than one that does not; the
+                # rounds are paid once by the batch, so that order is close enough.)
+                if not c.free and j + 1 > rounds:
+                    continue
+                break
+            k[c.request_id] = j + 1
+            tokens += gain
+            seconds += added
+            if not c.free:
+                rounds = max(rounds, j + 1)
+            if j + 1 < c.max_k:
+                heapq.heappush(heap, (-(gain * self.alpha(c.request_id)), i))
+        return k
