@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own benchmark tools (llama-batched-bench, llama-server) from the llama.cpp
+# Build llama.cpp's own benchmark tools (llama-batched-bench, llama-server,
+# llama-speculative-simple) from the llama.cpp
 # source that llama-cpp-python vendors, so the "llama.cpp batched-bench" rows of
 # benchmarks/compare.py run the same llama.cpp as its llama-cpp-python rows.
 #
@@ -27,7 +28,7 @@ fi
 echo "building llama-batched-bench and llama-server from $src into $build"
 cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF &&
-    cmake --build "$build" -j"${JOBS:-2}" --target llama-batched-bench llama-server
+    cmake --build "$build" -j"${JOBS:-2}" --target llama-batched-bench llama-server llama-speculative-simple
 rc=$?
 echo "rc=$rc"
 exit $rc

@@ -30,7 +30,7 @@ def workload(n: int) -> tuple[list[list[int]], list[SamplingParams]]:
         length = 3 + (i * 7) % 37
         # Every third prompt repeats the shared head: blocks the prefix cache reuses.
         head = base if i % 3 == 0 else [(t * (i + 3)) % 500 + 1 for t in base]
-        prompts.append((head * 3)[:length] + [i % 500 + 1])
+        prompts.append([*(head * 3)[:length], i % 500 + 1])
         kind = i % 8
         max_tokens = 12 + (i * 5) % 20
         if kind == 0:
@@ -66,10 +66,12 @@ def workload(n: int) -> tuple[list[list[int]], list[SamplingParams]]:
             )
         else:
             p = SamplingParams(
-                temperature=0.9, seed=4000 + i, logprobs=2, repetition_penalty=1.1,
+                temperature=0.9,
+                seed=4000 + i,
+                logprobs=2,
+                repetition_penalty=1.1,
                 max_tokens=max_tokens,
             )
-        prompts.append(prompts.pop())
         params.append(p)
     return prompts, params
 
