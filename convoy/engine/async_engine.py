@@ -18,11 +18,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from convoy.engine.engine import LLMEngine
 from convoy.engine.request import FinishReason
+from convoy.engine.spec_decode import SpecDecodeStats
 from convoy.outputs import RequestOutput
 from convoy.sampling_params import SamplingParams
 
@@ -45,6 +46,8 @@ class EngineStats:
     num_generation_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Speculative decoding's totals, a copy taken on the engine thread (None: it is off).
+    spec_decode: SpecDecodeStats | None = None
 
 
 @dataclass
@@ -222,6 +225,11 @@ class AsyncEngine:
     def _publish_stats(self) -> None:
         engine = self.engine
         sched = engine.scheduler
+        spec = None
+        if engine.speculator is not None:
+            # A copy: the speculator keeps counting on this thread while /metrics reads it.
+            live = engine.speculator.stats
+            spec = replace(live, accepted_lengths=list(live.accepted_lengths or []))
         self.stats = EngineStats(
             num_running=len(sched.running),
             num_waiting=len(sched.waiting),
@@ -231,4 +239,5 @@ class AsyncEngine:
             num_generation_tokens=engine.num_generated_tokens,
             prefix_cache_queries=engine.kv_cache.num_queried_tokens,
             prefix_cache_hits=engine.kv_cache.num_hit_tokens,
+            spec_decode=spec,
         )

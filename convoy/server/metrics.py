@@ -2,6 +2,7 @@
 
 Gauges and token counters are read from the engine's published stats at scrape time;
 latency histograms and finish-reason counts are fed by the engine thread as outputs appear.
+The ``convoy:spec_decode_*`` series exist only while the engine speculates.
 Each server gets its own registry, so several can live in one process (tests).
 """
 
@@ -13,12 +14,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
+from convoy.config import SpeculativeConfig
 from convoy.engine.async_engine import AsyncEngine
+from convoy.engine.spec_decode import SpecDecodeStats
 from convoy.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (
@@ -72,6 +76,62 @@ class _EngineCollector(Collector):
             "Prompt tokens found in the prefix cache (not computed).",
             value=s.prefix_cache_hits,
         )
+        spec_config = self.engine.engine.spec_config
+        if spec_config is not None:
+            yield _spec_info(spec_config)
+            if s.spec_decode is not None:
+                yield from _spec_decode_metrics(s.spec_decode)
+
+
+def _spec_info(config: SpeculativeConfig) -> Metric:
+    return InfoMetricFamily(
+        "convoy:spec_decode",
+        "Speculative decoding's configuration.",
+        value={
+            "method": str(config.method),
+            "num_speculative_tokens": str(config.num_speculative_tokens),
+            "draft_model": config.model or "",
+            "adaptive": str(config.adaptive).lower(),
+        },
+    )
+
+
+def _spec_decode_metrics(st: SpecDecodeStats) -> Iterator[Metric]:
+    # CounterMetricFamily appends the "_total" the exposed names end in.
+    yield CounterMetricFamily(
+        "convoy:spec_decode_num_drafts",
+        "Verify steps of one request with at least one proposed token.",
+        value=st.num_drafts,
+    )
+    yield CounterMetricFamily(
+        "convoy:spec_decode_num_draft_tokens",
+        "Proposed tokens verified by the target.",
+        value=st.num_draft_tokens,
+    )
+    yield CounterMetricFamily(
+        "convoy:spec_decode_num_accepted_tokens",
+        "Proposed tokens the target accepted.",
+        value=st.num_accepted_tokens,
+    )
+    # accepted_lengths[a] counts the verifies that accepted a tokens: bucket le=a holds those
+    # that accepted at most a.
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for accepted, count in enumerate(st.accepted_lengths or []):
+        cumulative += count
+        buckets.append((str(float(accepted)), cumulative))
+    buckets.append(("+Inf", cumulative))  # every verify: num_drafts
+    yield HistogramMetricFamily(
+        "convoy:spec_decode_acceptance_length",
+        "Proposed tokens accepted per verify step of one request.",
+        buckets=buckets,
+        sum_value=st.num_accepted_tokens,
+    )
+    yield GaugeMetricFamily(
+        "convoy:spec_decode_draft_length",
+        "Mean draft length chosen per decoding request in the latest step.",
+        value=st.last_draft_tokens / max(1, st.last_num_requests),
+    )
 
 
 class ServerMetrics:

@@ -1,7 +1,8 @@
 """OpenAI API request models and the error object.
 
-Fields follow the OpenAI API plus the extras vLLM accepts (top_k, min_p, ...). Unknown fields
-are ignored, as vLLM does, so clients written for other servers keep working.
+Fields follow the OpenAI API plus the extras vLLM accepts (top_k, min_p, ...) and the
+per-request speculation controls (speculative, max_speculative_tokens). Unknown fields are
+ignored, as vLLM does, so clients written for other servers keep working.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class GenerationRequest(BaseModel):
     include_stop_str_in_output: bool = False
     # Requests share cached prompt prefixes only with requests carrying the same salt.
     cache_salt: str | None = Field(default=None, min_length=1)
+    # Speculative decoding for this request (outputs never change, only their speed): off
+    # with false; max_speculative_tokens caps the proposed tokens verified per step (None:
+    # the engine's num_speculative_tokens). Ignored when the server does not speculate.
+    speculative: bool = True
+    max_speculative_tokens: int | None = Field(default=None, ge=0)
 
     def sampling_params(
         self,
@@ -108,6 +114,8 @@ class GenerationRequest(BaseModel):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias=bias,
+            speculative=self.speculative,
+            max_speculative_tokens=self.max_speculative_tokens,
         )
 
     @property
