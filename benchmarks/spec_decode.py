@@ -242,22 +242,27 @@ def part_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
     prompts = held_out_prompts(probe, 8)
     del probe
     k = 4
-    llama_rates = []
+    llama_rates: list[float] = []
+    llama_accept: list[float] = []
     for r in range(args.repeats):
         for p in prompts:
             text = tok.decode(p)
             cmd = [
                 str(binary),
-                *("-m", str(target), "-md", str(draft), "-p", text),
-                *("-n", str(OUTPUT_LEN), "--draft-max", str(k), "--draft-min", "0"),
+                *("-m", str(target), "-md", str(draft), "--spec-type", "draft-simple"),
+                *("-p", text, "-n", str(OUTPUT_LEN), "--spec-draft-n-max", str(k)),
                 *("-t", str(args.threads), "-td", str(args.threads), "--temp", "0"),
-                *("--top-k", "1", "-c", "2048", "--ignore-eos", "--no-warmup"),
+                *("--top-k", "1", "-c", "1024", "--ignore-eos"),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            m = re.search(r"decoded\s+(\d+)\s+tokens in\s+([\d.]+)\s+seconds", proc.stderr)
+            log = proc.stdout + proc.stderr
+            m = re.search(r"decoded\s+(\d+)\s+tokens in\s+([\d.]+)\s+seconds", log)
             if proc.returncode != 0 or m is None:
-                raise RuntimeError(f"llama-speculative-simple failed:\n{proc.stderr[-3000:]}")
+                raise RuntimeError(f"llama-speculative-simple failed:\n{log[-3000:]}")
             llama_rates.append(int(m.group(1)) / float(m.group(2)))
+            acc = re.search(r"accept\s+=\s+([\d.]+)%", log)
+            if acc:
+                llama_accept.append(float(acc.group(1)) / 100)
         print(f"  [{r + 1}] llama.cpp median so far {statistics.median(llama_rates):.1f} tok/s")
     configs = {
         "convoy spec": {"max_num_seqs": 1},
@@ -266,10 +271,11 @@ def part_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
     got = interleaved(configs, prompts, args.repeats)
     llama = statistics.median(llama_rates)
     print("\n| c=1 | tok/s | / llama.cpp |\n|---|---|---|")
-    print(f"| llama.cpp speculative (k={k}, f32) | {llama:.1f} | 1.00 |")
+    accept = statistics.median(llama_accept) if llama_accept else float("nan")
+    print(f"| llama.cpp speculative (k={k}, f32, acceptance {accept:.2f}) | {llama:.1f} | 1.00 |")
     for name, row in got.items():
         print(f"| {name} | {row['tok_s']:.1f} | {row['tok_s'] / llama:.2f} |")
-    return {"llama.cpp": {"tok_s": llama, "runs": llama_rates}, **got}
+    return {"llama.cpp": {"tok_s": llama, "runs": llama_rates, "acceptance": accept}, **got}
 
 
 def part_invariance(args: argparse.Namespace) -> dict[str, Any]:

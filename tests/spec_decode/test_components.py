@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 
 from convoy.config import SpeculativeConfig, parse_speculative_config
-from convoy.engine.spec_decode.controller import Candidate, DraftLengthController
+from convoy.engine.spec_decode.controller import (
+    PROBE_EVERY,
+    Candidate,
+    DraftLengthController,
+)
 from convoy.engine.spec_decode.proposers import NgramProposer, OracleProposer
 from convoy.model.sampler import seeded_uniform
 from convoy.worker.runner import num_accepted
@@ -140,18 +144,23 @@ def test_seeded_uniform_is_uniform_and_fixed() -> None:
 
 def test_controller_drafts_when_rows_are_cheap_and_not_when_compute_bound() -> None:
     cheap = DraftLengthController(adaptive=True)
-    for rows in (1, 3, 5, 2, 6):
+    # Each size twice: the first step of a size is never counted (it may compile a kernel).
+    for rows in (1, 3, 5, 2, 6) * 2:
         cheap.observe_step(rows, 0.010 + 0.0001 * rows)  # bandwidth-bound: rows nearly free
-    cheap.observe_draft(4, 4, 0.002)
-    cheap.observe_draft(2, 2, 0.001)
+    for _ in range(2):
+        cheap.observe_draft(4, 4, 0.002)
+        cheap.observe_draft(2, 2, 0.001)
     one = [Candidate("a", 4, free=False)]
     assert cheap.choose(one, base_rows=1) == {"a": 4}
 
     bound = DraftLengthController(adaptive=True)
-    for rows in (16, 40, 64, 100, 64):
+    for rows in (16, 40, 64, 100) * 2:
         bound.observe_step(rows, 0.001 + 0.001 * rows)  # every row costs as much as the rest
     many = [Candidate(str(i), 4, free=True) for i in range(64)]
     assert set(bound.choose(many, base_rows=64).values()) == {0}
+    # One step in PROBE_EVERY measures the other end of the line: one draft each.
+    probes = [bound.choose(many, base_rows=64) for _ in range(PROBE_EVERY)]
+    assert sum(set(p.values()) == {1} for p in probes) == 1
 
     # A request that never accepts stops drafting even when rows are cheap.
     for _ in range(20):

@@ -11,7 +11,11 @@ stream on a bandwidth-bound CPU (``b`` small) drafts the most; a large compute-b
 (``b R`` far above ``a``) drafts nothing, so speculation never makes a crowd slower.
 
 Both costs are fitted online from the steps the engine times (least squares with
-forgetting), and each request's ``alpha`` from its own recent acceptances.
+forgetting), and each request's ``alpha`` from its own recent acceptances. Only steps without
+prompt rows count (the ones the choice is about), and never the first step of a given size (a
+new shape may compile a kernel first). A line needs steps of different sizes: one step in
+``PROBE_EVERY`` does the opposite of the plan (no drafts when drafting, one draft each when
+not), which keeps both ends of the line measured as the load changes.
 """
 
 from __future__ import annotations
@@ -19,17 +23,23 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+PROBE_EVERY = 32
+
 
 class LinearCost:
     """seconds ~ intercept + slope * x, least squares over recent observations (each step
     weighs ``decay`` times the one after), the slope shrunk toward 0 while x barely varies."""
 
-    def __init__(self, decay: float = 0.97, ridge: float = 1.0) -> None:
+    def __init__(self, decay: float = 0.99, ridge: float = 1.0) -> None:
         self.decay = decay
         self.ridge = ridge
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self._seen: set[float] = set()
 
     def add(self, x: float, y: float) -> None:
+        if x not in self._seen:
+            self._seen.add(x)  # the first of a size may include compiling a kernel
+            return
         d = self.decay
         self.n = self.n * d + 1.0
         self.sx = self.sx * d + x
@@ -89,9 +99,11 @@ class DraftLengthController:
         self.draft_rounds = LinearCost()  # seconds of a draft call ~ rounds
         self.draft_rows = 0.0  # seconds per draft row, from the same calls
         self.acceptance: dict[str, Acceptance] = {}
+        self._steps = 0
 
     # -- learning ----------------------------------------------------------------------------
     def observe_step(self, rows: int, seconds: float) -> None:
+        """A step of ``rows`` output rows (decodes and drafts) and no prompt rows."""
         self.target.add(rows, seconds)
 
     def observe_draft(self, rounds: int, rows: int, seconds: float) -> None:
@@ -119,6 +131,14 @@ class DraftLengthController:
             # Nothing measured yet (or fixed k): draft fully, which also gives the cost
             # model steps of different sizes to learn from.
             return {c.request_id: c.max_k for c in candidates}
+        chosen = self._best(candidates, base_rows)
+        self._steps += 1
+        if candidates and self._steps % PROBE_EVERY == 0:
+            drafting = any(chosen.values())
+            return {c.request_id: 0 if drafting else 1 for c in candidates}
+        return chosen
+
+    def _best(self, candidates: list[Candidate], base_rows: int) -> dict[str, int]:
         b = self.target.slope
         tokens = float(base_rows)
         seconds = self.target.intercept + b * base_rows

@@ -132,7 +132,7 @@ class Speculator:
         self, sched: SchedulerOutput, sampled: dict[str, list[int]], seconds: float
     ) -> None:
         """Record the step: its cost, and what each request accepted."""
-        if sched.scheduled:
+        if sched.scheduled and all(s.start >= s.request.num_prompt_tokens for s in sched.scheduled):
             self.controller.observe_step(sched.num_tokens, seconds)
         assert self.stats.accepted_lengths is not None
         for s in sched.scheduled:
