@@ -82,6 +82,18 @@ class CpuKernels(Protocol):
     def skinny_linear(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor: ...
+    def skinny_linear_ordered(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, k_block: int
+    ) -> torch.Tensor: ...
+    def ordered_weight_blocks(self, w: torch.Tensor) -> torch.Tensor: ...
+    def skinny_linear_ordered_blocks(
+        self,
+        x: torch.Tensor,
+        w_blocks: torch.Tensor,
+        bias: torch.Tensor | None,
+        k_block: int,
+        out_features: int,
+    ) -> torch.Tensor: ...
     def skinny_linear_int8(
         self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor: ...

@@ -14,6 +14,12 @@ void paged_prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
               torch::Tensor slot_mapping);
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+torch::Tensor skinny_linear_ordered(torch::Tensor x, torch::Tensor w,
+                                    c10::optional<torch::Tensor> bias, int64_t k_block);
+torch::Tensor ordered_weight_blocks(torch::Tensor w);
+torch::Tensor skinny_linear_ordered_blocks(torch::Tensor x, torch::Tensor w_blocks,
+                                           c10::optional<torch::Tensor> bias, int64_t k_block,
+                                           int64_t out_features);
 torch::Tensor skinny_linear_int8(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale,
                                  c10::optional<torch::Tensor> bias);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
@@ -38,6 +44,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv,
         "Store new tokens' keys and values at their slots of the paged cache (CPU)");
   m.def("skinny_linear", &skinny_linear, "x W^T + b for a few rows of x, float32 (CPU)");
+  m.def("skinny_linear_ordered", &skinny_linear_ordered,
+        "x W^T + b in oneDNN's order: an FMA chain over k per block of k_block inputs, the "
+        "blocks' sums in order, then b; float32 (CPU)",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("k_block"));
+  m.def("ordered_weight_blocks", &ordered_weight_blocks,
+        "W (N, K) as skinny_linear_ordered_blocks reads it: (ceil(N / L), K, L), zero-padded");
+  m.def("skinny_linear_ordered_blocks", &skinny_linear_ordered_blocks,
+        "skinny_linear_ordered, bitwise, on W in ordered_weight_blocks' layout (CPU)",
+        py::arg("x"), py::arg("w_blocks"), py::arg("bias"), py::arg("k_block"),
+        py::arg("out_features"));
   m.def("skinny_linear_int8", &skinny_linear_int8,
         "x (Wq * scale)^T + b for a few rows of x, int8 weights with per-row scales (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, float32 (CPU)");
