@@ -34,8 +34,14 @@ def _cpu_float32(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def choose_linear(
-    config: ModelConfig, device: torch.device, dtype: torch.dtype, max_num_seqs: int
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_num_seqs: int,
+    batch_invariant: bool = False,
 ) -> LinearMethod:
+    """``batch_invariant``: float32 CPU layers give a row bitwise the same result whatever
+    the number of rows (:class:`CpuLinear`); other methods are left as they are."""
     backend = config.linear_backend
     cpu_float32 = _cpu_float32(device, dtype)
     if config.quantization == "int8":
@@ -48,7 +54,12 @@ def choose_linear(
         # Packing drops the plain layout the matrix-vector kernel reads: worth it only when
         # batches can outgrow what that kernel takes.
         backend = "packed" if max_num_seqs > SKINNY_MAX_ROWS else "plain"
-    return CpuLinear(cpu_kernels.load(), onednn_available(), pack=backend == "packed")
+    return CpuLinear(
+        cpu_kernels.load(),
+        onednn_available(),
+        pack=backend == "packed",
+        batch_invariant=batch_invariant,
+    )
 
 
 def greedy_screen_kernels(config: ModelConfig, linear: LinearMethod) -> CpuKernels | None:
