@@ -142,6 +142,6 @@ def choose_model_ops(
             max_model_len,
             batch_invariant,
         ),
-        linear=choose_linear(config, device, dtype, max_num_seqs),
+        linear=choose_linear(config, device, dtype, max_num_seqs, batch_invariant),
         kernels=cpu_kernels.load() if _cpu_float32(device, dtype) else None,
     )
