@@ -231,7 +231,10 @@ def parse_speculative_config(
         if text.lower() in ("", "none", "off", "null"):
             return None
         if text == "default":
-            return None if default_draft is None else SpeculativeConfig(model=default_draft)
+            # auto: the n-gram where it hits (free), else the draft where it pays.
+            if default_draft is None:
+                return None
+            return SpeculativeConfig(method="auto", model=default_draft)
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
@@ -256,7 +259,7 @@ class SpeculationConfig:
         metadata={
             "help": 'JSON like vLLM\'s, e.g. \'{"model": DRAFT, "num_speculative_tokens": '
             '4}\' or \'{"method": "ngram"}\'; none: off. Default: the built-in draft when '
-            "no --model is given, else off."
+            "no --model is given (method auto), else off."
         },
     )
     batch_invariant: str = field(

@@ -146,7 +146,9 @@ class LLMEngine:
             if draft_path is not None and draft_arch is not None:
                 draft = DraftRunner(
                     ModelRunner(
-                        config.model,
+                        # A draft's head is small: the full product beats the greedy screen's
+                        # setup, which pays off only for a large vocabulary projection.
+                        dataclasses.replace(config.model, greedy_screening=False),
                         block_size,
                         draft_arch,
                         str(draft_path),

@@ -35,6 +35,10 @@ from convoy.model.cpu_kernels import CpuKernels
 # At most this many rows go through convoy's matrix-vector kernel; more rows reuse each weight
 # element enough for a GEMM library to win.
 SKINNY_MAX_ROWS = 4
+# Batch-invariant layers run the ordered kernel up to this many rows: it reproduces oneDNN's
+# sums at any row count, and beats oneDNN's packed product up to about 8 rows on the largest
+# layers of a 200M model (about 24 on a 25M model's); speculation's verify steps are such rows.
+ORDERED_MAX_ROWS = 8
 # The row count oneDNN tunes a packed weight's layout for; any row count can use it.
 ONEDNN_PACK_ROWS = 64
 # Batch-invariant layers that oneDNN cannot serve invariantly sum in blocks of this many inputs
@@ -167,7 +171,7 @@ class CpuLinear(LinearMethod):
         if (
             self.skinny is not None
             and k_block is not None
-            and (rows <= SKINNY_MAX_ROWS or layer.onednn_weight is None)
+            and (rows <= ORDERED_MAX_ROWS or layer.onednn_weight is None)
         ):
             x = x.contiguous()
             if layer.ordered_weight is not None:

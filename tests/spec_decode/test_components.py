@@ -195,7 +195,7 @@ def test_config_shapes() -> None:
     assert parse_speculative_config("none", "draft") is None
     assert parse_speculative_config("default", None) is None
     default = parse_speculative_config("default", "/d")
-    assert default == SpeculativeConfig(model="/d", method="draft_model")
+    assert default == SpeculativeConfig(model="/d", method="hybrid")
     auto = parse_speculative_config({"method": "auto", "model": "/d"}, None)
     assert auto is not None and auto.method == "hybrid"
     ngram = parse_speculative_config('{"method": "auto"}', None)

@@ -24,7 +24,7 @@ PYTHON_PROMPTS = [
 def test_default_model_speculates_with_its_draft() -> None:
     llm = LLM()
     spec = llm.engine.spec_config
-    assert spec is not None and spec.method == "draft_model"
+    assert spec is not None and spec.method == "hybrid"
     assert Path(str(spec.model)) == draft_model_path()
     params = [
         SamplingParams(temperature=0, max_tokens=48),
