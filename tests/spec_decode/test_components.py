@@ -114,11 +114,17 @@ def test_ngram_finds_the_latest_longest_match() -> None:
     #        0  1  2  3  4  5  6  7  8  9 10
     tokens = [1, 2, 3, 4, 9, 2, 3, 5, 1, 2, 3]
     # Suffix [1, 2, 3] occurs at 0: what followed it was 4, 9.
-    assert ngram.propose(tokens, 2) == [4, 9]
+    assert ngram.propose(tokens, 2, "a") == [4, 9]
     # With max_n = 2 the suffix [2, 3] matches, latest at 5: 5, 1, 2 followed it.
-    assert NgramProposer(2, 2).propose(tokens, 3) == [5, 1, 2]
-    assert ngram.propose([1, 2, 3, 4], 3) == []
-    assert ngram.propose([7, 7, 7, 7], 2) == [7]  # the match must end before the suffix
+    assert NgramProposer(2, 2).propose(tokens, 3, "a") == [5, 1, 2]
+    assert ngram.propose([1, 2, 3, 4], 3, "b") == []
+    assert ngram.propose([7, 7, 7, 7], 2, "c") == [7]  # the match must end before the suffix
+    # A request's index grows with its tokens: the new n-grams count, the latest wins.
+    grown = [1, 2, 3, 4, 1, 2, 3, 8, 1, 2]
+    assert ngram.propose(grown[:7], 2, "d") == [4, 1]
+    assert ngram.propose(grown, 2, "d") == [3, 8]
+    ngram.forget("d")
+    assert ngram.propose([5, 6, 5], 2, "d") == []
 
 
 def test_oracle_errs_at_its_rate_and_is_deterministic() -> None:

@@ -3,8 +3,9 @@
 Speculation trades rows for steps. A step of ``R`` rows costs about ``a + b R`` seconds (the
 fixed part is reading the weights, the launch and Python overhead; ``b`` is what each row
 adds once the batch is compute-bound), plus the draft model's ``e0`` per round and ``e1`` per
-row. A request that accepts each proposed token with probability ``alpha`` gains
-``alpha^(j+1)`` expected tokens from its ``j+1``-th draft row. Starting from no drafts, the
+row. A request that accepts its depth-i draft token with probability ``alpha_i`` (given the
+ones before were accepted) gains ``alpha_0 ... alpha_j`` expected tokens from its
+``j+1``-th draft row. Starting from no drafts, the
 controller keeps adding the row of highest expected gain while that raises the step's
 tokens per second, that is while ``gain / added seconds`` beats the step's average. A single
 stream on a bandwidth-bound CPU (``b`` small) drafts the most; a large compute-bound batch
@@ -30,15 +31,22 @@ class LinearCost:
     """seconds ~ intercept + slope * x, least squares over recent observations (each step
     weighs ``decay`` times the one after), the slope shrunk toward 0 while x barely varies."""
 
-    def __init__(self, decay: float = 0.99, ridge: float = 1.0) -> None:
+    def __init__(self, decay: float = 0.99, ridge: float = 1.0, skip: str = "size") -> None:
         self.decay = decay
         self.ridge = ridge
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        # What to leave out, as possibly paying for compiling a kernel: the first observation
+        # of each (integer) size, or ("warmup") the first few observations.
+        self.skip = skip
         self._seen: set[float] = set()
+        self._count = 0
 
     def add(self, x: float, y: float) -> None:
-        if x not in self._seen:
-            self._seen.add(x)  # the first of a size may include compiling a kernel
+        self._count += 1
+        if self.skip == "size" and x not in self._seen:
+            self._seen.add(x)
+            return
+        if self.skip == "warmup" and self._count <= 3:
             return
         d = self.decay
         self.n = self.n * d + 1.0
@@ -66,20 +74,36 @@ class LinearCost:
         return max(0.0, (self.sy - self.slope * self.sx) / self.n)
 
 
-@dataclass
 class Acceptance:
-    """A request's recent acceptance: proposed tokens taken and refused, decayed."""
+    """A request's recent acceptance at each draft depth: ``alpha(j)`` estimates the chance
+    that the draft token at depth j is accepted given that those before it were (decayed
+    counts, prior 0.7). Depths differ: an n-gram match that holds for one token tends to hold
+    for the next, so later depths are usually accepted more often than the first."""
 
-    taken: float = 1.4  # the prior: alpha = 0.7 until the request has a record
-    refused: float = 0.6
+    PRIOR_TAKEN = 1.4
+    PRIOR_REFUSED = 0.6
 
-    @property
-    def alpha(self) -> float:
-        return self.taken / (self.taken + self.refused)
+    def __init__(self) -> None:
+        self.taken: list[float] = []
+        self.refused: list[float] = []
+
+    def alpha(self, depth: int) -> float:
+        if depth >= len(self.taken):
+            return self.PRIOR_TAKEN / (self.PRIOR_TAKEN + self.PRIOR_REFUSED)
+        return self.taken[depth] / (self.taken[depth] + self.refused[depth])
 
     def add(self, num_draft: int, num_accepted: int, decay: float = 0.8) -> None:
-        self.taken = self.taken * decay + num_accepted
-        self.refused = self.refused * decay + (1 if num_accepted < num_draft else 0)
+        while len(self.taken) < num_draft:
+            self.taken.append(self.PRIOR_TAKEN)
+            self.refused.append(self.PRIOR_REFUSED)
+        # Depths 0 .. accepted - 1 were taken; the first refused one (if any) was seen too.
+        for j in range(min(num_draft, num_accepted + 1)):
+            self.taken[j] *= decay
+            self.refused[j] *= decay
+            if j < num_accepted:
+                self.taken[j] += 1.0
+            else:
+                self.refused[j] += 1.0
 
 
 @dataclass
@@ -96,8 +120,9 @@ class DraftLengthController:
     def __init__(self, adaptive: bool) -> None:
         self.adaptive = adaptive
         self.target = LinearCost()
-        self.draft_rounds = LinearCost()  # seconds of a draft call ~ rounds
-        self.draft_rows = 0.0  # seconds per draft row, from the same calls
+        # Seconds of one draft round ~ its rows (catch-up included). Sizes vary every call, so
+        # only the first calls are left out.
+        self.draft_rounds = LinearCost(skip="warmup")
         self.acceptance: dict[str, Acceptance] = {}
         self._steps = 0
 
@@ -120,9 +145,9 @@ class DraftLengthController:
     def forget(self, request_id: str) -> None:
         self.acceptance.pop(request_id, None)
 
-    def alpha(self, request_id: str) -> float:
+    def alpha(self, request_id: str, depth: int = 0) -> float:
         acc = self.acceptance.get(request_id)
-        return acc.alpha if acc is not None else Acceptance().alpha
+        return acc.alpha(depth) if acc is not None else Acceptance().alpha(depth)
 
     # -- choosing ----------------------------------------------------------------------------
     def choose(self, candidates: list[Candidate], base_rows: int) -> dict[str, int]:
@@ -169,5 +194,5 @@ class DraftLengthController:
             if not c.free:
                 rounds = max(rounds, j + 1)
             if j + 1 < c.max_k:
-                heapq.heappush(heap, (-(gain * self.alpha(c.request_id)), i))
+                heapq.heappush(heap, (-(gain * self.alpha(c.request_id, j + 1)), i))
         return k

@@ -4,33 +4,57 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from convoy.model.sampler import seeded_uniform
 
 
 class NgramProposer:
     """Prompt lookup: find the request's last ``n`` tokens earlier in its own tokens (prompt
     and output), longest ``n`` first, most recent occurrence first, and propose what followed
-    there. Costs no forward pass, so it pays wherever it hits (code edits, quoting, RAG)."""
+    there. Costs no forward pass, so it pays wherever it hits (code edits, quoting, RAG).
+
+    Each request keeps an index of its n-grams (n-gram -> the position after its latest
+    occurrence), extended by the tokens added since the last call: a lookup is a few dict
+    reads, not a scan of the whole sequence every step.
+    """
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n = min_n
         self.max_n = max_n
+        self._index: dict[str, _NgramIndex] = {}
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
+    def forget(self, request_id: str) -> None:
+        self._index.pop(request_id, None)
+
+    def propose(self, tokens: Sequence[int], k: int, request_id: str = "") -> list[int]:
         if k <= 0 or len(tokens) <= self.min_n:
             return []
-        arr = np.asarray(tokens, dtype=np.int64)
-        for n in range(min(self.max_n, len(arr) - 1), self.min_n - 1, -1):
-            suffix = arr[-n:]
-            # Windows ending before the suffix itself; the match must leave a token after it.
-            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
-            hits = np.flatnonzero((windows == suffix).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
-                return arr[start : start + k].tolist()
+        index = self._index.get(request_id)
+        if index is None or index.num_indexed > len(tokens) - 1:
+            index = self._index[request_id] = _NgramIndex(self.min_n, self.max_n)
+        index.extend(tokens)
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            follower = index.after[n - self.min_n].get(tuple(tokens[-n:]))
+            if follower is not None:
+                return list(tokens[follower : follower + k])
         return []
+
+
+class _NgramIndex:
+    """For each n: n-gram -> the position right after its latest occurrence that is followed
+    by a token (so an n-gram ending at the last token is not in it yet)."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n = min_n
+        self.max_n = max_n
+        self.after: list[dict[tuple[int, ...], int]] = [{} for _ in range(min_n, max_n + 1)]
+        self.num_indexed = 0  # n-grams ending before this position are in
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        # n-grams ending at positions num_indexed .. len - 2 (each has a follower).
+        for end in range(self.num_indexed, len(tokens) - 1):
+            for n in range(self.min_n, min(self.max_n, end + 1) + 1):
+                self.after[n - self.min_n][tuple(tokens[end + 1 - n : end + 1])] = end + 1
+        self.num_indexed = max(self.num_indexed, len(tokens) - 1)
 
 
 class OracleProposer:

@@ -99,7 +99,7 @@ class Speculator:
         if self.oracle is not None:
             return self.oracle.propose(request.prompt_token_ids, request.output_token_ids, k)
         if self.ngram is not None:
-            return self.ngram.propose(request.all_token_ids, k)
+            return self.ngram.propose(request.all_token_ids, k, request.request_id)
         return []
 
     # -- after scheduling --------------------------------------------------------------------
@@ -156,6 +156,8 @@ class Speculator:
         self.forget_drafts(request_ids)
         for rid in request_ids:
             self.controller.forget(rid)
+            if self.ngram is not None:
+                self.ngram.forget(rid)
 
     def forget_drafts(self, request_ids: Sequence[str]) -> None:
         """Requests whose blocks went (preempted): the draft's keys and values with them."""
