@@ -7,7 +7,8 @@ Parts (``--part``, several allowed; default all):
   64: tokens/s without speculation and with the default config, acceptance, tokens per verify
   and the controller's mean draft length.
 * ``oracle``: the 200M random-weight Llama with the oracle proposer at acceptance 0.3, 0.6
-  and 0.9, c = 1: every fixed draft length 1..6 and the adaptive controller, against none.
+  and 0.9, c = 1 (8 prompts of 64 tokens, 64 new tokens each): every fixed draft length
+  1..6 and the adaptive controller, against none.
 * ``llamacpp``: llama.cpp's ``llama-speculative-simple`` with the same target and draft
   converted to GGUF f32, the same prompts at c = 1, beside convoy's speculative c = 1.
 * ``invariance``: what batch invariance costs, without speculation: the 200M model's
@@ -166,7 +167,7 @@ def part_tiny(args: argparse.Namespace) -> dict[str, Any]:
 def part_oracle(args: argparse.Namespace) -> dict[str, Any]:
     model = ensure_model("200m", args.cache_dir)
     vocab, avoid = token_space(model)
-    reqs = random_workload(4, (64, 64), (64, 64), vocab, seed=1, avoid_ids=avoid)
+    reqs = random_workload(8, (64, 64), (64, 64), vocab, seed=1, avoid_ids=avoid)
     prompts = [r.prompt_token_ids for r in reqs]
     base = {"model": str(model), "max_num_seqs": 1}
     ref = timed_run(LLM(**base, speculative_config="none"), prompts, 64)

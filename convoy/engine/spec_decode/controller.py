@@ -75,27 +75,38 @@ class LinearCost:
 
 
 class Acceptance:
-    """A request's recent acceptance at each draft depth: ``alpha(j)`` estimates the chance
-    that the draft token at depth j is accepted given that those before it were (decayed
-    counts, prior 0.7). Depths differ: an n-gram match that holds for one token tends to hold
-    for the next, so later depths are usually accepted more often than the first."""
+    """Acceptance at each draft depth: ``alpha(j)`` estimates the chance that the draft token
+    at depth j is accepted given that those before it were, from decayed counts. Depths differ
+    (an n-gram match that holds for one token tends to hold for the next), so each has its own
+    count; a depth with no record yet takes the estimate of the one before it.
 
-    PRIOR_TAKEN = 1.4
-    PRIOR_REFUSED = 0.6
+    ``prior``: the estimate a new request starts from and is pulled toward while its own
+    record is short (the engine-wide one, over every request); ``weight`` how many
+    observations it is worth.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, prior: Acceptance | None = None, weight: float = 2.0) -> None:
+        self.prior = prior
+        self.weight = weight
         self.taken: list[float] = []
         self.refused: list[float] = []
 
     def alpha(self, depth: int) -> float:
+        base = self.prior.alpha(depth) if self.prior is not None else 0.7
         if depth >= len(self.taken):
-            return self.PRIOR_TAKEN / (self.PRIOR_TAKEN + self.PRIOR_REFUSED)
-        return self.taken[depth] / (self.taken[depth] + self.refused[depth])
+            if self.prior is None and depth > 0:
+                return self.alpha(depth - 1)
+            taken = refused = 0.0
+        else:
+            taken, refused = self.taken[depth], self.refused[depth]
+        if self.prior is None and depth < len(self.taken) and taken + refused > 0:
+            return taken / (taken + refused)
+        return (taken + self.weight * base) / (taken + refused + self.weight)
 
     def add(self, num_draft: int, num_accepted: int, decay: float = 0.8) -> None:
         while len(self.taken) < num_draft:
-            self.taken.append(self.PRIOR_TAKEN)
-            self.refused.append(self.PRIOR_REFUSED)
+            self.taken.append(0.0)
+            self.refused.append(0.0)
         # Depths 0 .. accepted - 1 were taken; the first refused one (if any) was seen too.
         for j in range(min(num_draft, num_accepted + 1)):
             self.taken[j] *= decay
@@ -124,6 +135,8 @@ class DraftLengthController:
         # only the first calls are left out.
         self.draft_rounds = LinearCost(skip="warmup")
         self.acceptance: dict[str, Acceptance] = {}
+        # Every request's verifies together: where a new request's estimate starts.
+        self.overall = Acceptance()
         self._steps = 0
 
     # -- learning ----------------------------------------------------------------------------
@@ -140,14 +153,16 @@ class DraftLengthController:
 
     def observe_request(self, request_id: str, num_draft: int, num_accepted: int) -> None:
         if num_draft > 0:
-            self.acceptance.setdefault(request_id, Acceptance()).add(num_draft, num_accepted)
+            acc = self.acceptance.setdefault(request_id, Acceptance(self.overall))
+            acc.add(num_draft, num_accepted)
+            self.overall.add(num_draft, num_accepted, decay=0.98)
 
     def forget(self, request_id: str) -> None:
         self.acceptance.pop(request_id, None)
 
     def alpha(self, request_id: str, depth: int = 0) -> float:
         acc = self.acceptance.get(request_id)
-        return acc.alpha(depth) if acc is not None else Acceptance().alpha(depth)
+        return acc.alpha(depth) if acc is not None else self.overall.alpha(depth)
 
     # -- choosing ----------------------------------------------------------------------------
     def choose(self, candidates: list[Candidate], base_rows: int) -> dict[str, int]:
