@@ -84,25 +84,6 @@ def choose_attention(
     pad_slot: int,
     max_num_seqs: int,
     max_model_len: int,
-    batch_invariant: bool = False,
-) -> AttentionBackend[Any, Any]:
-    backend = _attention(
-        config, arch, device, dtype, block_size, pad_slot, max_num_seqs, max_model_len
-    )
-    # Shared-prefix decode sums a group's attention in another order than a lone row's.
-    backend.share_prefixes = not batch_invariant
-    return backend
-
-
-def _attention(
-    config: ModelConfig,
-    arch: ModelArch,
-    device: torch.device,
-    dtype: torch.dtype,
-    block_size: int,
-    pad_slot: int,
-    max_num_seqs: int,
-    max_model_len: int,
 ) -> AttentionBackend[Any, Any]:
     if device.type == "cuda" and not config.enforce_eager:
         return CudaGraphAttention(block_size, pad_slot, device, max_num_seqs, max_model_len)
@@ -130,18 +111,13 @@ def choose_model_ops(
 ) -> ModelOps:
     """``batch_invariant``: every row's float32 result is the same whatever else is in the
     step (speculative decoding relies on it)."""
+    attention = choose_attention(
+        config, arch, device, dtype, block_size, pad_slot, max_num_seqs, max_model_len
+    )
+    # Shared-prefix decode sums a group's attention in another order than a lone row's.
+    attention.share_prefixes = not batch_invariant
     return ModelOps(
-        attention=choose_attention(
-            config,
-            arch,
-            device,
-            dtype,
-            block_size,
-            pad_slot,
-            max_num_seqs,
-            max_model_len,
-            batch_invariant,
-        ),
+        attention=attention,
         linear=choose_linear(config, device, dtype, max_num_seqs, batch_invariant),
         kernels=cpu_kernels.load() if _cpu_float32(device, dtype) else None,
     )
