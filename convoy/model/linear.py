@@ -36,8 +36,8 @@ from convoy.model.cpu_kernels import CpuKernels
 # element enough for a GEMM library to win.
 SKINNY_MAX_ROWS = 4
 # Batch-invariant layers run the ordered kernel up to this many rows: it reproduces oneDNN's
-# sums at any row count, and beats oneDNN's packed product up to about 8 rows on the largest
-# layers of a 200M model (about 24 on a 25M model's); speculation's verify steps are such rows.
+# sums at any row count, and is the faster of the two for a few rows, such as a speculating
+# decode's verify rows (crossover measured in docs/performance).
 ORDERED_MAX_ROWS = 8
 # The row count oneDNN tunes a packed weight's layout for; any row count can use it.
 ONEDNN_PACK_ROWS = 64
