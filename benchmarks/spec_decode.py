@@ -265,8 +265,10 @@ def part_llamacpp(args: argparse.Namespace) -> dict[str, Any]:
             if acc:
                 llama_accept.append(float(acc.group(1)) / 100)
         print(f"  [{r + 1}] llama.cpp median so far {statistics.median(llama_rates):.1f} tok/s")
+    draft_only = {"model": str(ASSETS_DIR / DRAFT_MODEL_NAME), "num_speculative_tokens": k}
     configs = {
-        "convoy spec": {"max_num_seqs": 1},
+        "convoy spec (default: auto)": {"max_num_seqs": 1},
+        f"convoy draft model only (k<={k})": {"max_num_seqs": 1, "speculative_config": draft_only},
         "convoy off": {"max_num_seqs": 1, "speculative_config": "none", "batch_invariant": "off"},
     }
     got = interleaved(configs, prompts, args.repeats)

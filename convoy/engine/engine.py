@@ -28,12 +28,12 @@ from convoy.engine.profiler import StepProfiler, StepTiming
 from convoy.engine.request import FinishReason, Request, RequestMetrics
 from convoy.engine.scheduler import Scheduler, SchedulerOutput
 from convoy.engine.spec_decode import Speculator
+from convoy.engine.spec_decode.setup import find_draft, make_speculator
 from convoy.model.arch import ModelArch
 from convoy.model.loader import read_config, resolve_model_path
 from convoy.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from convoy.sampling_params import InvalidParamError, SamplingParams
 from convoy.worker.device import num_kv_blocks_for, resolve_device, resolve_dtype
-from convoy.worker.draft_runner import DraftRunner
 from convoy.worker.runner import ModelRunner
 from convoy.worker.step import ModelOutput, TokenLogprobs
 
@@ -99,17 +99,10 @@ class LLMEngine:
             config.speculation.speculative_config,
             default_draft=str(draft_model_path()) if model_name is None else None,
         )
-        draft_path = draft_arch = None
-        if self.spec_config is not None and self.spec_config.uses_draft_model:
-            assert self.spec_config.model is not None
-            draft_path = resolve_model_path(self.spec_config.model, None)
-            draft_arch = ModelArch.from_config(read_config(draft_path))
-            if draft_arch.vocab_size != self.arch.vocab_size:
-                raise ValueError(
-                    f"the draft model's vocabulary ({draft_arch.vocab_size} tokens) differs from "
-                    f"the target's ({self.arch.vocab_size}); a draft must share the tokenizer"
-                )
-        num_blocks = num_kv_blocks_for(config.cache, block_size, self.arch, dtype, draft_arch)
+        draft = find_draft(self.spec_config, self.arch)
+        num_blocks = num_kv_blocks_for(
+            config.cache, block_size, self.arch, dtype, draft.arch if draft else None
+        )
         wanted_len = config.model.max_model_len or self.arch.max_position_embeddings
         # A request must fit in the whole pool on its own, or it could never finish: cap the
         # context length by the pool (vLLM refuses to start instead; we say so and go on).
@@ -142,22 +135,16 @@ class LLMEngine:
         )
         self.speculator: Speculator | None = None
         if self.spec_config is not None:
-            draft = None
-            if draft_path is not None and draft_arch is not None:
-                draft = DraftRunner(
-                    ModelRunner(
-                        # A draft's head is small: the full product beats the greedy screen's
-                        # setup, which pays off only for a large vocabulary projection.
-                        dataclasses.replace(config.model, greedy_screening=False),
-                        block_size,
-                        draft_arch,
-                        str(draft_path),
-                        self.max_model_len,
-                        num_blocks,
-                        config.scheduler.max_num_seqs,
-                    )
-                )
-            self.speculator = Speculator(self.spec_config, draft, self.arch.vocab_size)
+            self.speculator = make_speculator(
+                self.spec_config,
+                draft,
+                config.model,
+                self.arch,
+                block_size,
+                self.max_model_len,
+                num_blocks,
+                config.scheduler.max_num_seqs,
+            )
         self.parents: dict[str, _ParentRequest] = {}
         self._seq_of: dict[str, tuple[_ParentRequest, _Sequence]] = {}
         self._ids = itertools.count()
@@ -388,6 +375,7 @@ class LLMEngine:
                 parent.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(parent.prompt_token_ids)
         try:
+            t_fill = time.perf_counter()
             if self.speculator is not None:
                 self.speculator.forget(sched.finished_request_ids)
                 self.speculator.forget_drafts([r.request_id for r in sched.preempted])
@@ -409,7 +397,7 @@ class LLMEngine:
         )
         t1 = time.perf_counter()
         if self.speculator is not None:
-            self.speculator.observe(sched, model_out.sampled, t_ran - t_run)
+            self.speculator.observe(sched, model_out.sampled, t_ran - t_run, t_run - t_fill)
         updated = self.scheduler.update_from_output(sched, model_out.sampled)
         outputs = self._process(model_out, updated, final_only)
         if self.profiler is not None and timing is not None and not sched.is_empty:

@@ -206,3 +206,18 @@ def test_config_shapes() -> None:
     assert auto is not None and auto.method == "hybrid"
     ngram = parse_speculative_config('{"method": "auto"}', None)
     assert ngram is not None and ngram.method == "ngram" and not ngram.uses_draft_model
+
+
+def test_controller_stops_drafting_where_steps_without_drafts_did_better() -> None:
+    c = DraftLengthController(adaptive=True)
+    for rows in (1, 5) * 3:
+        c.observe_step(rows, 0.010 + 0.0001 * rows)  # the model: rows nearly free
+    one = [Candidate("a", 4, free=True)]
+    assert c.choose(one, base_rows=1) == {"a": 4}
+    # What steps actually gave: 100 tokens/s drafting, 150 without.
+    c.observe_outcome(1, drafted=True, tokens=2, seconds=0.02)
+    c.observe_outcome(1, drafted=False, tokens=3, seconds=0.02)
+    plans = [c.choose(one, base_rows=1) for _ in range(PROBE_EVERY)]
+    assert sum(p == {"a": 0} for p in plans) == PROBE_EVERY - 1  # probes retry the plan
+    # Another load is judged on its own.
+    assert c.choose([Candidate("b", 4, free=True)], base_rows=40)["b"] > 0

@@ -17,6 +17,12 @@ prompt rows count (the ones the choice is about), and never the first step of a 
 new shape may compile a kernel first). A line needs steps of different sizes: one step in
 ``PROBE_EVERY`` does the opposite of the plan (no drafts when drafting, one draft each when
 not), which keeps both ends of the line measured as the load changes.
+
+The model can be wrong (costs it does not see: the draft's catch-up, the host's work per
+token). So the controller also keeps, per load (decoding requests, in powers of two), the
+tokens per second that steps with drafts and steps without actually reached, the latter
+from the probes; where steps without drafts did better, it stops drafting at that load, and
+its probes then try the model's plan again.
 """
 
 from __future__ import annotations
@@ -117,6 +123,10 @@ class Acceptance:
                 self.refused[j] += 1.0
 
 
+def _bucket(base_rows: int) -> int:
+    return max(1, base_rows).bit_length()
+
+
 @dataclass
 class Candidate:
     """A request that may draft: up to ``max_k`` tokens, ``free`` when its proposal needs no
@@ -138,11 +148,29 @@ class DraftLengthController:
         # Every request's verifies together: where a new request's estimate starts.
         self.overall = Acceptance()
         self._steps = 0
+        # Load bucket -> [tokens/s of steps with drafts, of steps without], decayed.
+        self._outcomes: dict[int, list[float | None]] = {}
 
     # -- learning ----------------------------------------------------------------------------
     def observe_step(self, rows: int, seconds: float) -> None:
         """A step of ``rows`` output rows (decodes and drafts) and no prompt rows."""
         self.target.add(rows, seconds)
+
+    def observe_outcome(
+        self, base_rows: int, drafted: bool, tokens: int, seconds: float, decay: float = 0.8
+    ) -> None:
+        """What a decode step produced: ``tokens`` in ``seconds`` (draft work included)."""
+        if seconds <= 0:
+            return
+        rates = self._outcomes.setdefault(_bucket(base_rows), [None, None])
+        i = 0 if drafted else 1
+        rate = tokens / seconds
+        old = rates[i]
+        rates[i] = rate if old is None else decay * old + (1 - decay) * rate
+
+    def _drafting_loses(self, base_rows: int) -> bool:
+        drafted, plain = self._outcomes.get(_bucket(base_rows), [None, None])
+        return drafted is not None and plain is not None and plain > drafted
 
     def observe_draft(self, rounds: int, rows: int, seconds: float) -> None:
         """A draft call: ``rounds`` forward passes over ``rows`` rows in all."""
@@ -173,7 +201,11 @@ class DraftLengthController:
             return {c.request_id: c.max_k for c in candidates}
         chosen = self._best(candidates, base_rows)
         self._steps += 1
-        if candidates and self._steps % PROBE_EVERY == 0:
+        probe = bool(candidates) and self._steps % PROBE_EVERY == 0
+        if self._drafting_loses(base_rows):
+            # Measured: no drafts did better here. Probes retry the plan.
+            return chosen if probe else {c.request_id: 0 for c in candidates}
+        if probe:
             drafting = any(chosen.values())
             return {c.request_id: 0 if drafting else 1 for c in candidates}
         return chosen

@@ -129,11 +129,22 @@ class Speculator:
 
     # -- after the step ----------------------------------------------------------------------
     def observe(
-        self, sched: SchedulerOutput, sampled: dict[str, list[int]], seconds: float
+        self,
+        sched: SchedulerOutput,
+        sampled: dict[str, list[int]],
+        seconds: float,
+        draft_seconds: float = 0.0,
     ) -> None:
-        """Record the step: its cost, and what each request accepted."""
+        """Record the step: its cost (the target's forward pass, and the draft's before it),
+        and what each request accepted."""
         if sched.scheduled and all(s.start >= s.request.num_prompt_tokens for s in sched.scheduled):
             self.controller.observe_step(sched.num_tokens, seconds)
+            self.controller.observe_outcome(
+                len(sched.scheduled),
+                any(s.num_draft for s in sched.scheduled),
+                sum(len(t) for t in sampled.values()),
+                seconds + draft_seconds,
+            )
         assert self.stats.accepted_lengths is not None
         for s in sched.scheduled:
             if not s.num_draft:
