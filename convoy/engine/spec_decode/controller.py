@@ -195,10 +195,12 @@ class DraftLengthController:
     # -- choosing ----------------------------------------------------------------------------
     def choose(self, candidates: list[Candidate], base_rows: int) -> dict[str, int]:
         """Each candidate's draft length for a step of ``base_rows`` rows without drafts."""
-        if not self.adaptive or not self.target.known:
-            # Nothing measured yet (or fixed k): draft fully, which also gives the cost
-            # model steps of different sizes to learn from.
+        if not self.adaptive:
             return {c.request_id: c.max_k for c in candidates}
+        if not self.target.known:
+            # Nothing measured yet: free proposals in full, which also gives the cost model
+            # steps of different sizes to learn from; the draft model waits for the figures.
+            return {c.request_id: c.max_k if c.free else 0 for c in candidates}
         chosen = self._best(candidates, base_rows)
         self._steps += 1
         probe = bool(candidates) and self._steps % PROBE_EVERY == 0
