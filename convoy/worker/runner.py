@@ -103,7 +103,6 @@ class ModelRunner:
         max_num_seqs: int,
         batch_invariant: bool = False,
     ) -> None:
-        self.batch_invariant = batch_invariant
         self.device = resolve_device(model_config)
         self.dtype = resolve_dtype(model_config, self.device)
         self.arch = arch
@@ -161,7 +160,6 @@ class ModelRunner:
         why convoy's CPU kernels are not in use where they could be."""
         names = self.ops.describe()
         names["greedy_screen"] = type(self.greedy_head).__name__ if self.greedy_head else "none"
-        names["batch_invariant"] = "on" if self.batch_invariant else "off"
         reason = cpu_kernels.unavailable_reason()
         if reason is not None:
             names["cpu_kernels_unavailable"] = reason.splitlines()[0][:200]
