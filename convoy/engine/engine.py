@@ -375,7 +375,6 @@ class LLMEngine:
                 parent.metrics.first_scheduled_time = now
                 self.num_prompt_tokens += len(parent.prompt_token_ids)
         try:
-            t_fill = time.perf_counter()
             if self.speculator is not None:
                 self.speculator.forget(sched.finished_request_ids)
                 self.speculator.forget_drafts([r.request_id for r in sched.preempted])
@@ -397,9 +396,14 @@ class LLMEngine:
         )
         t1 = time.perf_counter()
         if self.speculator is not None:
-            self.speculator.observe(sched, model_out.sampled, t_ran - t_run, t_run - t_fill)
+            self.speculator.observe(sched, model_out.sampled, t_ran - t_run)
         updated = self.scheduler.update_from_output(sched, model_out.sampled)
+        num_generated = self.num_generated_tokens
         outputs = self._process(model_out, updated, final_only)
+        if self.speculator is not None:
+            self.speculator.observe_outcome(
+                sched, self.num_generated_tokens - num_generated, time.perf_counter() - t0
+            )
         if self.profiler is not None and timing is not None and not sched.is_empty:
             timing.process = time.perf_counter() - t1
             self.profiler.record(timing)

@@ -129,22 +129,12 @@ class Speculator:
 
     # -- after the step ----------------------------------------------------------------------
     def observe(
-        self,
-        sched: SchedulerOutput,
-        sampled: dict[str, list[int]],
-        seconds: float,
-        draft_seconds: float = 0.0,
+        self, sched: SchedulerOutput, sampled: dict[str, list[int]], seconds: float
     ) -> None:
-        """Record the step: its cost (the target's forward pass, and the draft's before it),
-        and what each request accepted."""
-        if sched.scheduled and all(s.start >= s.request.num_prompt_tokens for s in sched.scheduled):
+        """Record the step: the target's forward pass took ``seconds``; what each request
+        accepted."""
+        if _decodes_only(sched):
             self.controller.observe_step(sched.num_tokens, seconds)
-            self.controller.observe_outcome(
-                len(sched.scheduled),
-                any(s.num_draft for s in sched.scheduled),
-                sum(len(t) for t in sampled.values()),
-                seconds + draft_seconds,
-            )
         assert self.stats.accepted_lengths is not None
         for s in sched.scheduled:
             if not s.num_draft:
@@ -162,6 +152,13 @@ class Speculator:
             self.stats.accepted_lengths[min(accepted, len(self.stats.accepted_lengths) - 1)] += 1
             self.controller.observe_request(s.request.request_id, s.num_draft, accepted)
 
+    def observe_outcome(self, sched: SchedulerOutput, tokens: int, seconds: float) -> None:
+        """The whole engine step (planning, drafts, forward pass, outputs) took ``seconds``
+        and produced ``tokens``: what the controller's check against plain steps reads."""
+        if _decodes_only(sched):
+            drafted = any(s.num_draft for s in sched.scheduled)
+            self.controller.observe_outcome(len(sched.scheduled), drafted, tokens, seconds)
+
     def forget(self, request_ids: Sequence[str]) -> None:
         """Requests that finished: everything known of them goes."""
         self.forget_drafts(request_ids)
@@ -174,3 +171,10 @@ class Speculator:
         """Requests whose blocks went (preempted): the draft's keys and values with them."""
         if self.draft is not None:
             self.draft.forget(request_ids)
+
+
+def _decodes_only(sched: SchedulerOutput) -> bool:
+    """A step of decodes (and their drafts) only: what the controller chooses for."""
+    return bool(sched.scheduled) and all(
+        s.start >= s.request.num_prompt_tokens for s in sched.scheduled
+    )
