@@ -214,9 +214,14 @@ def test_controller_stops_drafting_where_steps_without_drafts_did_better() -> No
         c.observe_step(rows, 0.010 + 0.0001 * rows)  # the model: rows nearly free
     one = [Candidate("a", 4, free=True)]
     assert c.choose(one, base_rows=1) == {"a": 4}
-    # What steps actually gave: 100 tokens/s drafting, 150 without.
+    # What steps actually gave: 100 tokens/s drafting, 150 without; one of each is not
+    # enough to go by (a slow first step).
     c.observe_outcome(1, drafted=True, tokens=2, seconds=0.02)
     c.observe_outcome(1, drafted=False, tokens=3, seconds=0.02)
+    assert c.choose(one, base_rows=1)["a"] > 0
+    for _ in range(2):
+        c.observe_outcome(1, drafted=True, tokens=2, seconds=0.02)
+        c.observe_outcome(1, drafted=False, tokens=3, seconds=0.02)
     plans = [c.choose(one, base_rows=1) for _ in range(PROBE_EVERY)]
     assert sum(p == {"a": 0} for p in plans) == PROBE_EVERY - 1  # probes retry the plan
     # Another load is judged on its own.

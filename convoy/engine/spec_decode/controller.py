@@ -123,6 +123,26 @@ class Acceptance:
                 self.refused[j] += 1.0
 
 
+class _Outcomes:
+    """Decayed tokens/s of steps with drafts ([0]) and without ([1]) at one load, and how
+    many of each were seen: a side is trusted after MIN_OUTCOMES (one slow step, a kernel
+    compiled on first use, must not turn speculation off)."""
+
+    MIN_OUTCOMES = 3
+
+    def __init__(self) -> None:
+        self.rate = [0.0, 0.0]
+        self.count = [0, 0]
+
+    def add(self, drafted: bool, rate: float, decay: float) -> None:
+        i = 0 if drafted else 1
+        self.rate[i] = rate if self.count[i] == 0 else decay * self.rate[i] + (1 - decay) * rate
+        self.count[i] += 1
+
+    def plain_wins(self) -> bool:
+        return min(self.count) >= self.MIN_OUTCOMES and self.rate[1] > self.rate[0]
+
+
 def _bucket(base_rows: int) -> int:
     return max(1, base_rows).bit_length()
 
@@ -148,8 +168,8 @@ class DraftLengthController:
         # Every request's verifies together: where a new request's estimate starts.
         self.overall = Acceptance()
         self._steps = 0
-        # Load bucket -> [tokens/s of steps with drafts, of steps without], decayed.
-        self._outcomes: dict[int, list[float | None]] = {}
+        # Load bucket -> tokens/s of steps with drafts and without.
+        self._outcomes: dict[int, _Outcomes] = {}
 
     # -- learning ----------------------------------------------------------------------------
     def observe_step(self, rows: int, seconds: float) -> None:
@@ -162,15 +182,12 @@ class DraftLengthController:
         """What a decode step produced: ``tokens`` in ``seconds`` (draft work included)."""
         if seconds <= 0:
             return
-        rates = self._outcomes.setdefault(_bucket(base_rows), [None, None])
-        i = 0 if drafted else 1
-        rate = tokens / seconds
-        old = rates[i]
-        rates[i] = rate if old is None else decay * old + (1 - decay) * rate
+        outcome = self._outcomes.setdefault(_bucket(base_rows), _Outcomes())
+        outcome.add(drafted, tokens / seconds, decay)
 
     def _drafting_loses(self, base_rows: int) -> bool:
-        drafted, plain = self._outcomes.get(_bucket(base_rows), [None, None])
-        return drafted is not None and plain is not None and plain > drafted
+        outcome = self._outcomes.get(_bucket(base_rows))
+        return outcome is not None and outcome.plain_wins()
 
     def observe_draft(self, rounds: int, rows: int, seconds: float) -> None:
         """A draft call: ``rounds`` forward passes over ``rows`` rows in all."""
