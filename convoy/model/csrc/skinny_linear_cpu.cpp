@@ -266,6 +266,33 @@ struct OrderedProblem {
   int64_t M, K, N, k_block;
 };
 
+// The sums of MB rows x NB tiles (outputs n0 on) plus the bias, into out; outputs past N are
+// dropped. Without a bias the sums are stored as they are (adding a zero would turn -0 into +0).
+template <int MB, int NB>
+void store_outputs(const OrderedProblem& p, const vfw (&sums)[MB][NB], int64_t n0, int64_t m0) {
+  for (int b = 0; b < NB; ++b) {
+    const int64_t nb = n0 + b * kLanes, rows = std::min<int64_t>(kLanes, p.N - nb);
+    if (rows <= 0) break;
+    vfw bias = vfw{};
+    if (p.bias) {
+      float part[kLanes] = {};
+      std::memcpy(part, p.bias + nb, rows * sizeof(float));
+      bias = loadw(part);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const vfw s = p.bias ? sums[m][b] + bias : sums[m][b];
+      float* o = p.out + (m0 + m) * p.N + nb;
+      if (rows == kLanes) {
+        storew(o, s);
+      } else {
+        float part[kLanes];
+        storew(part, s);
+        std::memcpy(o, part, rows * sizeof(float));
+      }
+    }
+  }
+}
+
 // Outputs n0 .. n0 + NB * kLanes - 1 (those below N) for rows m0 .. m0 + MB - 1 of x.
 template <int MB, int NB>
 void ordered_outputs(const OrderedProblem& p, int64_t n0, int64_t m0, bool prefetch) {
@@ -288,28 +315,7 @@ void ordered_outputs(const OrderedProblem& p, int64_t n0, int64_t m0, bool prefe
   };
   vfw sums[MB][NB];
   ordered_pass<MB, NB>(w, p.x + m0 * p.K, p.K, p.k_block, fetch, sums);
-  for (int b = 0; b < NB; ++b) {
-    const int64_t nb = n0 + b * kLanes, rows = std::min<int64_t>(kLanes, p.N - nb);
-    if (rows <= 0) break;
-    vfw bias = vfw{};
-    if (p.bias) {
-      float part[kLanes] = {};
-      std::memcpy(part, p.bias + nb, rows * sizeof(float));
-      bias = loadw(part);
-    }
-    for (int m = 0; m < MB; ++m) {
-      // No bias: the sum as it is (adding a zero would turn -0 into +0).
-      const vfw s = p.bias ? sums[m][b] + bias : sums[m][b];
-      float* o = p.out + (m0 + m) * p.N + nb;
-      if (rows == kLanes) {
-        storew(o, s);
-      } else {
-        float part[kLanes];
-        storew(part, s);
-        std::memcpy(o, part, rows * sizeof(float));
-      }
-    }
-  }
+  store_outputs<MB, NB>(p, sums, n0, m0);
 }
 
 // Rows m0 .. m0 + min(4, M - m0) - 1 of x; NB tiles per pass for one or two rows.
@@ -387,26 +393,7 @@ void ordered_block_outputs(const OrderedProblem& p, int64_t t0, int64_t m0) {
     for (int m = 0; m < MB; ++m)
       for (int b = 0; b < NB; ++b) sums[m][b] = lo == 0 ? acc[m][b] : sums[m][b] + acc[m][b];
   }
-  for (int b = 0; b < NB; ++b) {
-    const int64_t n0 = (t0 + b) * kLanes, rows = std::min<int64_t>(kLanes, p.N - n0);
-    vfw bias = vfw{};
-    if (p.bias) {
-      float part[kLanes] = {};
-      std::memcpy(part, p.bias + n0, rows * sizeof(float));
-      bias = loadw(part);
-    }
-    for (int m = 0; m < MB; ++m) {
-      const vfw s = p.bias ? sums[m][b] + bias : sums[m][b];
-      float* o = p.out + (m0 + m) * p.N + n0;
-      if (rows == kLanes) {
-        storew(o, s);
-      } else {
-        float part[kLanes];
-        storew(part, s);
-        std::memcpy(o, part, rows * sizeof(float));
-      }
-    }
-  }
+  store_outputs<MB, NB>(p, sums, t0 * kLanes, m0);
 }
 
 // NB tiles for rows m0 .. m0 + min(4, M - m0) - 1: as many tiles per pass as keep the FMA
