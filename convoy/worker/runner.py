@@ -196,10 +196,7 @@ class ModelRunner:
         inputs = prepare_inputs(chunks, self.ops.attention, self.block_size, self.device)
         hidden = self._run(inputs)
         rows = [inputs.row(j, s.start + s.num_tokens - 1) for j, s in enumerate(inputs.order)]
-        if inputs.computed_rows is not None:
-            at_row = {r: i for i, r in enumerate(inputs.computed_rows)}
-            rows = [at_row[r] for r in rows]
-        last = hidden.index_select(0, torch.tensor(rows, device=self.device))
+        last = self._hidden_of(inputs, hidden, rows)
         tokens: list[int | None] = [None] * len(rows)
         if self.greedy_head is not None:
             tokens = [t if t >= 0 else None for t in self.greedy_head(last).tolist()]
@@ -221,6 +218,16 @@ class ModelRunner:
             inputs.meta,
         )
 
+    def _hidden_of(self, inputs: StepInputs, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The final hidden states of flat ``rows`` of the step (``hidden`` holds every row,
+        or only ``inputs.computed_rows``)."""
+        if inputs.computed_rows is not None:
+            at_row = {r: i for i, r in enumerate(inputs.computed_rows)}
+            rows = [at_row[r] for r in rows]
+        if rows == list(range(hidden.shape[0])):
+            return hidden  # usually: every row is wanted, in order
+        return hidden.index_select(0, torch.tensor(rows, device=self.device))
+
     def _sample(self, inputs: StepInputs, hidden: torch.Tensor, result: ModelOutput) -> float:
         """New tokens for every chunk that samples, into ``result``; returns when the logits
         were done (for the step's timing).
@@ -234,14 +241,7 @@ class ModelRunner:
         jobs = [(s, inputs.sampled_rows(j)) for j, s in enumerate(inputs.order) if s.samples]
         if not jobs:
             return time.perf_counter()
-        flat = [r for _, rows in jobs for r in rows]
-        if inputs.computed_rows is not None:
-            at_row = {r: i for i, r in enumerate(inputs.computed_rows)}
-            flat = [at_row[r] for r in flat]
-        if flat == list(range(hidden.shape[0])):
-            last_hidden = hidden  # usually: every row samples, in order
-        else:
-            last_hidden = hidden.index_select(0, torch.tensor(flat, device=self.device))
+        last_hidden = self._hidden_of(inputs, hidden, [r for _, rows in jobs for r in rows])
         rows = [
             _sampling_row(s.request, s.draft_token_ids, i)
             for s, chunk_rows in jobs
